@@ -1,0 +1,132 @@
+"""The processor: chat messages + images -> input_ids, pixel_values, labels.
+
+This is the ONE place where an image becomes tokens: each image part of a conversation turns into
+`image_seq_len` copies of the image token. It follows transformers' `ProcessorMixin`
+(`apply_chat_template`, `__call__(images=..., text=...)`, `save_pretrained`/`from_pretrained`), and adds
+`render`, which builds (input_ids, labels) token by token while walking the conversation, so the loss
+mask is exact by construction: only assistant content and the assistant's end-of-turn token are
+trained (label -100 everywhere else).
+
+The chat format is ChatML with no default system prompt (fewer tokens per step than the LM's own
+template); the same template is stored as a jinja string so plain transformers renders it identically.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoProcessor, BatchFeature, ProcessorMixin
+
+from vlmkit.errors import VlmkitError
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN = "<image>"
+TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+def ensure_special_tokens(tokenizer) -> bool:
+    """Add the image and turn tokens the template needs; True if the vocabulary grew."""
+    missing = [t for t in (IMAGE_TOKEN, TURN_START, TURN_END) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = TURN_END
+    return bool(missing)
+
+
+class VlmkitProcessor(ProcessorMixin):
+    """Image processor + tokenizer + chat template for composed vlmkit models."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_len: int = 9, **kwargs):
+        self.image_seq_len = image_seq_len
+        self.image_token = IMAGE_TOKEN
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
+
+    # ids of the fixed pieces, looked up once
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    @property
+    def end_of_turn_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(TURN_END)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def pixel_values(self, images):
+        """A list of PIL images -> (N, 3, H, W) float tensor."""
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    # -- training path: token by token ----------------------------------------------------------
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Messages (content: str or list of parts) -> (input_ids, labels), images expanded."""
+        ids: list[int] = []
+        labels: list[int] = []
+        image_ids = [self.image_token_id] * self.image_seq_len
+
+        def add(piece: list[int], train: bool) -> None:
+            ids.extend(piece)
+            labels.extend(piece if train else [IGNORE_INDEX] * len(piece))
+
+        for message in messages:
+            trained = message["role"] == "assistant"
+            add([self.tokenizer.convert_tokens_to_ids(TURN_START)] + self._encode(message["role"] + "\n"), False)
+            parts = message["content"]
+            for part in [{"type": "text", "text": parts}] if isinstance(parts, str) else parts:
+                if part["type"] == "image":
+                    add(image_ids, False)
+                elif part["text"]:
+                    add(self._encode(part["text"]), trained)
+            add([self.end_of_turn_id], trained)  # the model learns to stop
+            add(self._encode("\n"), False)
+        if add_generation_prompt:
+            add([self.tokenizer.convert_tokens_to_ids(TURN_START)] + self._encode("assistant\n"), False)
+        return ids, labels
+
+    # -- the transformers interface --------------------------------------------------------------
+    def expand_image_tokens(self, text: str) -> str:
+        return text.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.image_seq_len)
+
+    def __call__(self, images=None, text=None, padding: bool = True, return_tensors: str = "pt", **kwargs):
+        """`text` holds one `<image>` per image (as `apply_chat_template` writes it); images are given in
+        order of appearance, flat or one list per text."""
+        texts = [text] if isinstance(text, str) else list(text or [])
+        flat = []
+        for item in images or []:
+            flat.extend(item if isinstance(item, (list, tuple)) else [item])
+        n_markers = sum(t.count(IMAGE_TOKEN) for t in texts)
+        if n_markers != len(flat):
+            raise VlmkitError(f"the prompt has {n_markers} image markers ({IMAGE_TOKEN}) but {len(flat)} images were given")
+        encoded = self.tokenizer(
+            [self.expand_image_tokens(t) for t in texts],
+            add_special_tokens=False,
+            padding=padding,
+            return_tensors=return_tensors,
+            **kwargs,
+        )
+        data = dict(encoded)
+        if flat:
+            data["pixel_values"] = self.pixel_values(flat)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+
+def register_processor() -> None:
+    from vlmkit.model.vlm import VlmkitConfig
+
+    AutoProcessor.register(VlmkitConfig, VlmkitProcessor, exist_ok=True)

@@ -1,0 +1,80 @@
+"""The connector between a vision tower and a language model: pool the grid, then project.
+
+A tower gives a feature grid (B, h, w, D). The connector average-pools it to the grid that yields
+`image_tokens` tokens and maps each cell to the LM's hidden size:
+    linear         one Linear(D, H)                                   (LLaVA-1)
+    mlp            Linear(D, H) -> GELU -> Linear(H, H)               (LLaVA-1.5 "mlp2x_gelu")
+    pixel_shuffle  r x r neighbours concatenated, then Linear(D*r*r, H) (SmolVLM / Idefics3)
+Pooling is parameter-free, so features can be cached after it while the tower is frozen.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.errors import VlmkitError
+from vlmkit.registry import Registry
+
+PROJECTORS = Registry("projector")
+
+
+def grid_side(image_tokens: int) -> int:
+    side = math.isqrt(image_tokens)
+    if side * side != image_tokens:
+        raise VlmkitError(f"image_tokens={image_tokens} must be a square number (1, 4, 9, 16, 64...)")
+    return side
+
+
+class LinearProjector(nn.Module):
+    pool_factor = 1
+
+    def __init__(self, in_dim: int, out_dim: int, shuffle: int = 1):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:  # (B, g, g, D) -> (B, g*g, H)
+        return self.proj(grid.flatten(1, 2))
+
+
+class MLPProjector(nn.Module):
+    pool_factor = 1
+
+    def __init__(self, in_dim: int, out_dim: int, shuffle: int = 1):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, out_dim)
+        self.fc2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(grid.flatten(1, 2))))
+
+
+class PixelShuffleProjector(nn.Module):
+    """Trade spatial resolution for channels: (B, g*r, g*r, D) -> (B, g*g, D*r*r) -> Linear."""
+
+    def __init__(self, in_dim: int, out_dim: int, shuffle: int = 2):
+        super().__init__()
+        self.pool_factor = shuffle
+        self.proj = nn.Linear(in_dim * shuffle * shuffle, out_dim, bias=False)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        b, h, w, d = grid.shape
+        r = self.pool_factor
+        x = grid.reshape(b, h // r, r, w // r, r, d).permute(0, 1, 3, 2, 4, 5)  # (B, g, g, r, r, D)
+        return self.proj(x.reshape(b, (h // r) * (w // r), r * r * d))
+
+
+PROJECTORS.register("linear", LinearProjector)
+PROJECTORS.register("mlp", MLPProjector)
+PROJECTORS.register("pixel_shuffle", PixelShuffleProjector)
+
+
+def pool_grid(grid: torch.Tensor, side: int) -> torch.Tensor:
+    """Average-pool a (B, h, w, D) grid to (B, side, side, D); a no-op when it already fits."""
+    if grid.shape[1] == side and grid.shape[2] == side:
+        return grid
+    pooled = F.adaptive_avg_pool2d(grid.permute(0, 3, 1, 2).float(), side)
+    return pooled.to(grid.dtype).permute(0, 2, 3, 1)

@@ -1,0 +1,160 @@
+"""Vision towers: any image encoder as a grid of feature vectors.
+
+Every tower maps pixel values (B, 3, H, W) to a feature grid (B, h, w, D), whatever it is inside: a ViT's
+patch tokens (the CLS and register tokens dropped) or a CNN's last feature map. The connector (pooling +
+projector, in `vlm.py`) only ever sees that grid, so any tower works with any projector.
+
+A tower is described by a small JSON-able `spec` saved in the model config, so a saved model rebuilds
+its tower without downloading anything:
+    {"kind": "efficientnet_lite0"}
+    {"kind": "hf", "config": {...a transformers vision config...}, "feature_layer": -2}
+    {"kind": "timm", "name": "resnet18"}
+`load_vision(name)` turns what a user typed (a built-in name, a local folder, a hub id, `timm:NAME`) into
+a spec, the tower with its pretrained weights, and the matching image processor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vlmkit.errors import VlmkitError
+from vlmkit.registry import Registry
+
+VISION_TOWERS = Registry("vision tower kind")
+BUILTIN_VISION = {"efficientnet-lite0", "efficientnet_lite0"}
+
+
+class EfficientNetTower(nn.Module):
+    """The bundled ImageNet EfficientNet-Lite0: a 1280-channel map at stride 32."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        from vlmkit.model.efficientnet_lite import EfficientNetLite0
+
+        self.net = EfficientNetLite0()
+        self.hidden_size = self.net.hidden_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values).permute(0, 2, 3, 1)  # (B, C, h, w) -> (B, h, w, C)
+
+
+class HFTower(nn.Module):
+    """A transformers vision model (CLIP, SigLIP, ViT, DINOv2...), built from its config."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        cfg = dict(spec["config"])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        self.model = AutoModel.from_config(config)
+        self.feature_layer = spec.get("feature_layer", -2)
+        self.patch_size = config.patch_size
+        self.hidden_size = config.hidden_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        tokens = out.hidden_states[self.feature_layer]  # (B, N, D), N may include CLS/register tokens
+        h, w = pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size
+        return tokens[:, -h * w :].reshape(tokens.shape[0], h, w, tokens.shape[-1])
+
+
+class TimmTower(nn.Module):
+    """A timm model: CNNs give a feature map, ViTs give tokens; both become a grid."""
+
+    def __init__(self, spec: dict, pretrained: bool = False):
+        super().__init__()
+        timm = _import_timm()
+        self.model = timm.create_model(spec["name"], pretrained=pretrained, num_classes=0)
+        self.hidden_size = self.model.num_features
+        self.prefix_tokens = getattr(self.model, "num_prefix_tokens", 0)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        feats = self.model.forward_features(pixel_values)
+        if feats.ndim == 4:  # CNN: (B, C, h, w)
+            return feats.permute(0, 2, 3, 1)
+        tokens = feats[:, self.prefix_tokens :]  # ViT: (B, N, D)
+        side = math.isqrt(tokens.shape[1])
+        return tokens.reshape(tokens.shape[0], side, side, tokens.shape[-1])
+
+
+VISION_TOWERS.register("efficientnet_lite0", EfficientNetTower)
+VISION_TOWERS.register("hf", HFTower)
+VISION_TOWERS.register("timm", TimmTower)
+
+
+def build_vision_tower(spec: dict) -> nn.Module:
+    """A randomly initialised tower from its spec (weights come from the checkpoint)."""
+    return VISION_TOWERS.get(spec["kind"])(spec)
+
+
+def _import_timm():
+    try:
+        import timm
+    except ImportError:
+        raise VlmkitError("timm vision towers need the timm package: pip install 'vlmkit[timm]'") from None
+    return timm
+
+
+def _fixed_size_processor(size: int, mean, std):
+    """Resize to size x size, scale to 0-1, normalise: what CNN towers want."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(
+        size={"height": size, "width": size}, image_mean=list(mean), image_std=list(std), do_resize=True
+    )
+
+
+def _hf_vision_config(name: str):
+    """The vision part of a transformers config at `name` (a CLIP/SigLIP config holds a vision_config)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise VlmkitError(
+            f"vision tower {name!r}: not a built-in name ({', '.join(sorted(BUILTIN_VISION))}), "
+            f"not `timm:NAME`, and no transformers config could be read ({str(e).splitlines()[0]})"
+        ) from None
+    return getattr(config, "vision_config", None) or config
+
+
+def load_vision(name: str, image_size: int | None = None, feature_layer: int = -2, pretrained: bool = True):
+    """Resolve a user's vision name: returns (spec, tower with pretrained weights, image processor)."""
+    if name in BUILTIN_VISION:
+        from vlmkit.model.efficientnet_lite import IMAGE_MEAN, IMAGE_STD, load_efficientnet_lite0
+
+        spec = {"kind": "efficientnet_lite0"}
+        tower = EfficientNetTower(spec)
+        if pretrained:
+            tower.net = load_efficientnet_lite0()
+        return spec, tower, _fixed_size_processor(image_size or 224, IMAGE_MEAN, IMAGE_STD)
+
+    if name.startswith("timm:"):
+        spec = {"kind": "timm", "name": name[len("timm:") :]}
+        tower = TimmTower(spec, pretrained=pretrained)
+        data_cfg = _import_timm().data.resolve_data_config({}, model=tower.model)
+        size = image_size or data_cfg["input_size"][-1]
+        return spec, tower, _fixed_size_processor(size, data_cfg["mean"], data_cfg["std"])
+
+    from transformers import AutoImageProcessor
+
+    vision_config = _hf_vision_config(name)
+    config_dict = vision_config.to_dict()
+    spec = {"kind": "hf", "config": config_dict, "feature_layer": feature_layer}
+    tower = HFTower(spec)
+    if pretrained:
+        weights = type(tower.model).from_pretrained(name, config=vision_config)
+        tower.model.load_state_dict(weights.state_dict())
+    try:
+        processor = AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise VlmkitError(f"vision tower {name!r}: no image processor beside it ({str(e).splitlines()[0]})") from None
+    if image_size is not None:
+        processor.size = {"height": image_size, "width": image_size}
+        if getattr(processor, "crop_size", None):
+            processor.crop_size = {"height": image_size, "width": image_size}
+    return spec, tower, processor

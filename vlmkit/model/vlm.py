@@ -1,0 +1,164 @@
+"""The composed VLM: vision tower -> connector -> causal LM, as a transformers model.
+
+`VlmkitForConditionalGeneration` is a `PreTrainedModel` + `GenerationMixin` whose config is registered
+with the Auto classes, so `generate`, `save_pretrained`/`from_pretrained`, peft and TRL work on it as on
+any transformers VLM. The processor (`vlmkit.data.processor`) expands each image into `image_tokens`
+copies of the image token; `forward` swaps those positions for projected image features with one
+vectorised `masked_scatter` and returns the LM's output, with the loss when `labels` are given
+(labels use -100 for positions that are not trained).
+"""
+
+from __future__ import annotations
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers.configuration_utils import SubConfigSpec
+
+from vlmkit.errors import VlmkitError
+from vlmkit.model.projector import PROJECTORS, grid_side, pool_grid
+from vlmkit.model.vision import build_vision_tower
+
+
+@strict
+class VlmkitConfig(PreTrainedConfig):
+    """Everything needed to rebuild the model offline: the tower spec, the LM config, the connector."""
+
+    model_type = "vlmkit"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    vision: dict | None = None  # tower spec, see vlmkit.model.vision
+    text_config: dict | PreTrainedConfig | None = None
+    projector: str = "mlp"
+    image_tokens: int = 9  # tokens per image after pooling/shuffling; a square number
+    pixel_shuffle_factor: int = 2
+    image_token_id: int = 0
+    vision_hidden_size: int = 0
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.vision is None:
+            self.vision = {"kind": "efficientnet_lite0"}
+        self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
+        grid_side(self.image_tokens)  # validates
+
+
+class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    config_class = VlmkitConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def __init__(self, config: VlmkitConfig):
+        super().__init__(config)
+        self.vision_tower = build_vision_tower(config.vision)
+        projector_cls = PROJECTORS.get(config.projector)
+        self.projector = projector_cls(
+            config.vision_hidden_size or self.vision_tower.hidden_size,
+            config.text_config.hidden_size,
+            shuffle=config.pixel_shuffle_factor,
+        )
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # -- the plumbing transformers expects -------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    def _init_weights(self, module):
+        # Sub-models initialise themselves; only the connector is ours.
+        if isinstance(module, nn.Linear) and any(module is m for m in self.projector.modules()):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    # -- images ----------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pooled tower features (N_images, g*r, g*r, D): what can be cached while the tower is frozen."""
+        grid = self.vision_tower(pixel_values.to(self.dtype_of(self.vision_tower)))
+        side = grid_side(self.config.image_tokens) * getattr(self.projector, "pool_factor", 1)
+        return pool_grid(grid, side)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """(N_images, g, g, D) pooled features -> (N_images, image_tokens, H) LM embeddings."""
+        return self.projector(features.to(self.dtype_of(self.projector)))
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.project(self.encode_images(pixel_values))
+
+    @staticmethod
+    def dtype_of(module: nn.Module) -> torch.dtype:
+        return next(module.parameters()).dtype
+
+    def merge_image_features(self, input_ids, inputs_embeds, image_embeds) -> torch.Tensor:
+        """Scatter (N_images, T_img, H) image embeddings into the image-token positions of (B, T, H)."""
+        mask = input_ids == self.config.image_token_id  # (B, T)
+        n_tokens, n_features = int(mask.sum()), image_embeds.shape[0] * image_embeds.shape[1]
+        if n_tokens != n_features:
+            raise VlmkitError(
+                f"the text has {n_tokens} image tokens but the images give {n_features} "
+                f"({image_embeds.shape[0]} images x {image_embeds.shape[1]} tokens); build inputs with the processor"
+            )
+        mask = mask.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, image_embeds.to(inputs_embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        image_features: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ):
+        """`pixel_values` (N_images, 3, H, W) in order of appearance, or cached `image_features`
+        (N_images, g, g, D) from `encode_images`. Returns the LM's output (loss when labels given)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, H)
+            if pixel_values is not None or image_features is not None:
+                if image_features is None:
+                    image_features = self.encode_images(pixel_values)
+                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, self.project(image_features))
+        return self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+
+AutoConfig.register("vlmkit", VlmkitConfig, exist_ok=True)
+AutoModelForImageTextToText.register(VlmkitConfig, VlmkitForConditionalGeneration, exist_ok=True)
