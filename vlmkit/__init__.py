@@ -4,4 +4,11 @@ __version__ = "0.1.0"
 
 from vlmkit.errors import VlmkitError  # noqa: E402
 
-__all__ = ["VlmkitError", "__version__"]
+__all__ = ["VlmkitError", "__version__", "load"]
+
+
+def load(path: str, device: str | None = None):
+    """Load a model folder as a `vlmkit.infer.load.VLM` (generate, ask, caption, stream)."""
+    from vlmkit.infer.load import load as _load
+
+    return _load(path, device=device)

@@ -53,13 +53,18 @@ class Sample:
 
 
 def read_samples(
-    path: str | os.PathLike, *, image_root: str | os.PathLike | None = None, check_images: bool = False
+    path: str | os.PathLike,
+    *,
+    image_root: str | os.PathLike | None = None,
+    check_images: bool = False,
+    require_assistant: bool = True,
 ) -> tuple[list[Sample], list[str]]:
     """Parse every row of a `.jsonl` or `.json` file; return the good samples and ALL problems found.
 
     Each problem is one line, "FILE:LINE: field `...`: what is wrong; what to do". Relative image
     paths resolve against `image_root`, else the data file's folder. Image files must exist; with
     `check_images` each is also decoded once (slow on big datasets, but finds corrupt files).
+    `require_assistant=False` accepts prompts without a reply (for generation).
     """
     path = Path(path)
     src = str(path)
@@ -88,7 +93,7 @@ def read_samples(
         n_rows += 1
         where = f"{src}:{line}"
         report = _Reporter(where)
-        parsed = _parse_row(obj, base_dir, report, require_assistant=True)
+        parsed = _parse_row(obj, base_dir, report, require_assistant=require_assistant)
         if parsed is not None:
             for field, image in parsed[1]:
                 if image not in seen:

@@ -1,0 +1,253 @@
+"""The `vlmkit` command line: parse, call library functions, print.
+
+Generated text goes to stdout; logs, progress bars and errors to stderr. A user's mistake (a
+`VlmkitError`) prints one line and exits with status 2; anything else is a bug and shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from vlmkit.errors import VlmkitError
+
+EPILOG = "Docs and examples: README.md. Every command has --help."
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _load_engine(model: str):
+    from vlmkit.infer.engine import Engine
+    from vlmkit.infer.load import load
+
+    vlm = load(model)
+    return Engine(vlm.model, vlm.processor)
+
+
+# -- commands ---------------------------------------------------------------------------------------
+def cmd_quickstart(args) -> None:
+    from vlmkit.quickstart import quickstart
+
+    quickstart(args.output, minutes=args.minutes, overrides=args.overrides)
+
+
+def cmd_train(args) -> None:
+    from vlmkit.config import load_config
+    from vlmkit.train.loop import train
+
+    fixed = {"data": args.data, "eval_data": args.eval_data, "output": args.output}
+    if args.resume and args.output and os.path.isfile(os.path.join(args.output, "config.yaml")) and not args.config:
+        args.config = os.path.join(args.output, "config.yaml")  # resume with the run's own config
+    cfg = load_config(args.config, args.overrides, **fixed)
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps(summary, indent=2))
+
+
+def _conversation(args) -> tuple[list[dict], list[str]]:
+    """Messages + image paths from --messages FILE or from --image/--prompt/--system."""
+    if args.messages:
+        from vlmkit.data.schema import parse_messages
+
+        try:
+            with open(args.messages) as f:
+                obj = json.load(f)
+        except FileNotFoundError:
+            raise VlmkitError(f"--messages {args.messages}: file not found") from None
+        except json.JSONDecodeError as e:
+            raise VlmkitError(f"--messages {args.messages}: not valid JSON ({e})") from None
+        messages, images = parse_messages(obj, os.path.dirname(os.path.abspath(args.messages)), where=args.messages)
+        return messages, [str(p) for p in images]
+    if args.prompt is None:
+        raise VlmkitError("give --prompt TEXT (or --messages FILE, or --batch FILE)")
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": args.system}]})
+    parts = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.prompt}]
+    messages.append({"role": "user", "content": parts})
+    return messages, list(args.image)
+
+
+def cmd_generate(args) -> None:
+    engine = _load_engine(args.model)
+    opts = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    if args.batch:
+        from vlmkit.data.schema import load_samples
+        from vlmkit.eval.run import split_reference
+
+        convs, images = [], []
+        for sample in load_samples(args.batch, require_assistant=False):
+            messages = sample.messages
+            if messages[-1]["role"] == "assistant":
+                messages, _, n = split_reference(sample)
+            else:
+                n = sample.n_images
+            convs.append(messages)
+            images.append([str(p) for p in sample.images[:n]])
+        for reply in engine.generate(convs, images, batch_size=args.batch_size, progress=True, **opts):
+            print(json.dumps({"prediction": reply}))
+        return
+    messages, images = _conversation(args)
+    for piece in engine.stream(messages, images, **opts):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(args) -> None:
+    from vlmkit.infer.chat import chat_loop
+
+    chat_loop(_load_engine(args.model), system=args.system, max_new_tokens=args.max_new_tokens)
+
+
+def cmd_eval(args) -> None:
+    from vlmkit.eval.run import evaluate, predictions_path
+
+    engine = None if args.predictions else _load_engine(args.model) if args.model else None
+    report = evaluate(
+        args.data, args.output, engine=engine, predictions=args.predictions,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+    )
+    print(json.dumps({k: v for k, v in report.items() if k != "by_type"}, indent=2))
+    print(f"report: {args.output}  predictions: {predictions_path(__import__('pathlib').Path(args.output))}", file=sys.stderr)
+
+
+def cmd_data_check(args) -> None:
+    from vlmkit.data.check import check
+
+    ok = check(args.file, model=args.model, show=not args.no_sample)
+    if not ok:
+        raise SystemExit(1)
+
+
+def cmd_data_shapes(args) -> None:
+    from vlmkit.data.shapes import make_shapes_dataset
+
+    path = make_shapes_dataset(args.output, args.split, args.n, args.seed, questions_per_image=args.questions)
+    print(path)
+
+
+def cmd_inspect(args) -> None:
+    from vlmkit.infer.inspect import inspect_model
+
+    print(inspect_model(args.model, image=args.image, prompt=args.prompt))
+
+
+def cmd_export(args) -> None:
+    from vlmkit.model.export import export_llava
+
+    print(export_llava(args.model, args.out))
+
+
+# -- parser -----------------------------------------------------------------------------------------
+def _add_sampling(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmkit", description="Build, train, evaluate and run vision-language models.", epilog=EPILOG
+    )
+    from vlmkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"vlmkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="make a dataset, train a small VLM from real parts, evaluate it",
+                       description="Generate the built-in shapes dataset, evaluate the untrained model, train it "
+                       "(EfficientNet-Lite0 + SmolLM2-135M, offline), evaluate again and save everything.")
+    p.add_argument("--output", default="runs/quickstart", help="run folder (default runs/quickstart)")
+    p.add_argument("--minutes", type=float, default=None, help="shrink the training budget (default: the full recipe)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides, as for `vlmkit train`")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("train", help="train or fine-tune a VLM on a JSONL dataset",
+                       description="Train a VLM. Config keys come from CONFIG.yaml and/or key=value arguments "
+                       "(e.g. vision=./my_clip llm=./my_lm stage=align max_steps=100 lr=1e-4); see vlmkit/config.py "
+                       "or README for the full list.")
+    p.add_argument("config", nargs="?", default=None, help="optional YAML config file")
+    p.add_argument("--data", help="training data (JSONL chat format or LLaVA JSON)")
+    p.add_argument("--eval-data", help="held-out data for eval loss")
+    p.add_argument("--output", help="run folder (default runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="answer a prompt about images (text to stdout)")
+    p.add_argument("--model", required=True, help="model folder (from train/quickstart) or hub id")
+    p.add_argument("--image", action="append", default=[], help="an image; repeat for several images in one prompt")
+    p.add_argument("--prompt", help="the user's message")
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--messages", help="a JSON file holding a whole conversation (list of messages)")
+    p.add_argument("--batch", help="a JSONL dataset: one reply per line, as JSON, to stdout")
+    p.add_argument("--batch-size", type=int, default=8)
+    _add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat; /image PATH adds an image")
+    p.add_argument("--model", required=True)
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="score a model (or predictions) on a dataset; writes a JSON report")
+    p.add_argument("--model", help="model folder or hub id")
+    p.add_argument("--data", required=True, help="test data; the last assistant turn of each sample is the reference")
+    p.add_argument("--output", default="eval.json", help="report path (default eval.json); predictions go beside it")
+    p.add_argument("--predictions", help="score this JSONL of {\"prediction\": ...} lines instead of running a model")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="dataset tools: check, shapes")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = dsub.add_parser("check", help="validate every row and image; show one rendered sample")
+    q.add_argument("file")
+    q.add_argument("--model", help="render with this model's processor (default: the quickstart parts' tokenizer)")
+    q.add_argument("--no-sample", action="store_true", help="skip rendering a sample")
+    q.set_defaults(func=cmd_data_check)
+    q = dsub.add_parser("shapes", help="write the built-in synthetic shapes dataset")
+    q.add_argument("--output", default="data/shapes")
+    q.add_argument("--split", default="train")
+    q.add_argument("--n", type=int, default=1000, help="number of images")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--questions", type=int, default=1, help="questions per image (multi-turn)")
+    q.set_defaults(func=cmd_data_shapes)
+
+    p = sub.add_parser("inspect", help="components, parameter counts, image -> tokens, chat template")
+    p.add_argument("model")
+    p.add_argument("--image", help="show how this image becomes tokens")
+    p.add_argument("--prompt", default="What is in the image?")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="write a standard transformers Llava checkpoint (CLIP/SigLIP towers)")
+    p.add_argument("model")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        args.func(args)
+    except VlmkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Training configuration: one typed dataclass, loaded from YAML and `key=value` overrides.
+
+The config is data: built once, validated in `__post_init__`, saved as `config.yaml` in the run folder
+and reloaded from there by `--resume`. Every key can be given on the command line
+(`vlmkit train lr=3e-4 stage=sft`), in a YAML file, or both (the command line wins).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from vlmkit.errors import VlmkitError
+
+STAGES = ("align", "sft")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str | None = None  # a saved vlmkit model to continue from (instead of composing one)
+    vision: str = "efficientnet-lite0"  # built-in name, local folder, hub id or timm:NAME
+    llm: str = "smollm2-135m"  # built-in name, local folder, hub id or .gguf file
+    projector: str = "mlp"  # linear | mlp | pixel_shuffle
+    image_tokens: int = 9  # tokens per image (a square number)
+    image_size: int | None = None  # input resolution of the tower; None = the tower's default
+    stage: str = "sft"  # align: projector only; sft: projector + LM (full or LoRA)
+    train_vision: bool = False
+    lora_r: int = 0  # > 0: LoRA on the LM's attention and MLP projections instead of full fine-tuning
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    # data
+    data: str | None = None
+    eval_data: str | None = None
+    max_length: int = 512
+    skip_too_long: bool = False  # drop (and count) samples whose image tokens would be cut, instead of failing
+    cache_features: bool = True  # cache pooled vision features while the tower is frozen
+    # optimisation
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-4  # language model (and LoRA) learning rate
+    projector_lr: float = 1e-3
+    vision_lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast)
+    seed: int = 0
+    # bookkeeping
+    output: str = "runs/train"
+    log_every: int = 10
+    eval_every: int = 0  # steps between eval-loss passes; 0 = at the end only
+    save_every: int = 50  # steps between resumable checkpoints; 0 = never
+    eval_generate: int = 200  # held-out samples to score by generation at the end (0 = none)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise VlmkitError(f"config field `stage`: {self.stage!r} is not one of {', '.join(STAGES)}")
+        if self.precision not in PRECISIONS:
+            raise VlmkitError(f"config field `precision`: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        for name in ("batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise VlmkitError(f"config field `{name}` must be >= 1 (got {getattr(self, name)})")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise VlmkitError("give `epochs` > 0 or `max_steps` > 0")
+
+    @property
+    def freezes_vision(self) -> bool:
+        return not self.train_vision
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _coerce(name: str, text: str, kind: type | str):
+    """Parse a command-line value to the field's type."""
+    kind = str(kind)
+    if text.lower() in ("none", "null") and "None" in kind:
+        return None
+    try:
+        if "bool" in kind:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if "int" in kind and "float" not in kind:
+            return int(text)
+        if "float" in kind:
+            return float(text)
+    except ValueError:
+        raise VlmkitError(f"config field `{name}`: cannot read {text!r} as {kind}") from None
+    return text
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, **fixed) -> TrainConfig:
+    """YAML file (optional) + `key=value` overrides + keyword values (CLI flags) -> TrainConfig."""
+    known = {f.name: f.type for f in fields(TrainConfig)}
+    values: dict = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise VlmkitError(f"config file {path} not found") from None
+        except yaml.YAMLError as e:
+            raise VlmkitError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise VlmkitError(f"{path}: expected a mapping of config keys")
+        for key in loaded:
+            if key not in known:
+                raise VlmkitError(f"{path}: unknown config key `{key}`; known: {', '.join(known)}")
+        values.update(loaded)
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise VlmkitError(f"expected key=value, got {item!r}")
+        if key not in known:
+            raise VlmkitError(f"unknown config key `{key}`; known: {', '.join(known)}")
+        values[key] = _coerce(key, text, known[key])
+    values.update({k: v for k, v in fixed.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,332 @@
+"""The training loop: stages as parameter groups, cached vision features, exact resume.
+
+One step = `grad_accum` micro-batches -> clip -> AdamW -> cosine schedule with warm-up. The data order is
+a function of (seed, epoch) only, and a checkpoint holds the trainable weights, optimizer, scheduler,
+RNG states and the step, so a run killed at any moment and resumed with `--resume` ends with the same
+weights as one that never stopped. Checkpoints and the final model are written to a temporary folder
+and renamed into place.
+
+While the vision tower is frozen its pooled features are computed once per image and reused every
+epoch: on CPU that removes the tower from the step entirely.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vlmkit.config import TrainConfig, atomic_write_text
+from vlmkit.data.collate import collate, tokenize_samples
+from vlmkit.data.images import load_image
+from vlmkit.data.schema import load_samples
+from vlmkit.errors import VlmkitError
+from vlmkit.train.checkpoint import load_checkpoint, save_checkpoint, save_model_atomic
+
+CHECKPOINT = "checkpoint"
+MODEL = "model"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.precision != "auto":
+        return cfg.precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return _cpu_has_bf16()
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def build_model(cfg: TrainConfig):
+    """(model, processor) to train: a saved vlmkit model, or a new composition."""
+    from vlmkit.model.build import compose, load_model
+
+    if cfg.model:
+        return load_model(cfg.model)
+    return compose(
+        vision=cfg.vision,
+        llm=cfg.llm,
+        projector=cfg.projector,
+        image_tokens=cfg.image_tokens,
+        image_size=cfg.image_size,
+        seed=cfg.seed,
+    )
+
+
+def set_trainable(model, cfg: TrainConfig) -> list[dict]:
+    """Freeze/unfreeze by stage; returns the optimizer's parameter groups (one lr per part)."""
+    model.requires_grad_(False)
+    groups = [{"params": list(model.projector.parameters()), "lr": cfg.projector_lr, "name": "projector"}]
+    if cfg.train_vision:
+        groups.append({"params": list(model.vision_tower.parameters()), "lr": cfg.vision_lr, "name": "vision"})
+    if cfg.stage == "sft":
+        if cfg.lora_r > 0:
+            from vlmkit.train.lora import add_lora
+
+            lora_params = add_lora(model, cfg)
+            groups.append({"params": lora_params, "lr": cfg.lr, "name": "lora"})
+        else:
+            groups.append({"params": list(model.language_model.parameters()), "lr": cfg.lr, "name": "llm"})
+    for group in groups:
+        for p in group["params"]:
+            p.requires_grad_(True)
+    return groups
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class ImageSource:
+    """Pixel values for a list of image paths, or cached pooled features when the tower is frozen."""
+
+    def __init__(self, model, processor, device, cache: bool, batch_size: int = 32):
+        self.model, self.processor, self.device = model, processor, device
+        self.cache: dict[str, torch.Tensor] | None = {} if cache else None
+        self.batch_size = batch_size
+
+    def warm(self, paths: list[str], desc: str) -> None:
+        """Encode every image once (progress bar); a no-op without caching."""
+        if self.cache is None:
+            return
+        todo = [p for p in dict.fromkeys(paths) if p not in self.cache]
+        with torch.inference_mode():
+            for i in tqdm(range(0, len(todo), self.batch_size), desc=desc, unit="batch", file=sys.stderr):
+                chunk = todo[i : i + self.batch_size]
+                pixels = self.processor.pixel_values([load_image(p) for p in chunk]).to(self.device)
+                feats = self.model.encode_images(pixels).float().cpu()
+                self.cache.update(zip(chunk, feats))
+
+    def __call__(self, paths: list[str]) -> dict:
+        if self.cache is not None:
+            missing = [p for p in paths if p not in self.cache]
+            if missing:
+                self.warm(missing, "encoding images")
+            return {"image_features": torch.stack([self.cache[p] for p in paths]).to(self.device)}
+        pixels = self.processor.pixel_values([load_image(p) for p in paths])
+        return {"pixel_values": pixels.to(self.device)}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def batches_from(examples, batch_size: int, seed: int, start: int):
+    """Endless batches in a deterministic order; `start` = number of batches already consumed."""
+    per_epoch = max(1, len(examples) // batch_size)  # the ragged tail is dropped; the next epoch reshuffles
+    index = start
+    while True:
+        epoch, k = divmod(index, per_epoch)
+        order = epoch_order(len(examples), seed, epoch)
+        yield [examples[i] for i in order[k * batch_size : (k + 1) * batch_size]]
+        index += 1
+
+
+@torch.no_grad()
+def eval_loss(model, examples, pad_id, images, batch_size, bf16, device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id, images)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        labels = batch["labels"].to(device)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        )
+        total += loss.item()
+        count += int((labels[:, 1:] != -100).sum())
+    model.train()
+    return total / max(1, count)
+
+
+def capture_rng() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Train per `cfg`; returns a summary dict. `stop_after` ends early (tests of resume use it)."""
+    out = Path(cfg.output)
+    if not cfg.data:
+        raise VlmkitError("no training data: pass --data FILE.jsonl (see `vlmkit data check --help` for the format)")
+    if resume:
+        if not (out / CHECKPOINT).is_dir():
+            raise VlmkitError(f"--resume: no checkpoint in {out}/{CHECKPOINT}; start without --resume")
+    elif (out / CHECKPOINT).exists():
+        raise VlmkitError(f"{out} already holds a run; pass --resume to continue it or choose another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+
+    device = resolve_device()
+    bf16 = use_bf16(cfg, device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    samples = load_samples(cfg.data)
+    eval_samples = load_samples(cfg.eval_data) if cfg.eval_data else []
+    log(f"loading the model ({cfg.model or f'{cfg.vision} + {cfg.llm}'})")
+    model, processor = build_model(cfg)
+    groups = set_trainable(model, cfg)
+    model.to(device)
+    examples, skipped = tokenize_samples(samples, processor, cfg.max_length, cfg.skip_too_long)
+    eval_examples, eval_skipped = tokenize_samples(eval_samples, processor, cfg.max_length, cfg.skip_too_long)
+    if not examples:
+        raise VlmkitError(f"{cfg.data}: no trainable samples")
+    pad_id = processor.tokenizer.pad_token_id
+
+    cache = cfg.cache_features and not cfg.train_vision
+    images = ImageSource(model, processor, device, cache)
+    images.warm([p for e in examples + eval_examples for p in e.images], "caching image features")
+
+    per_step = cfg.batch_size * cfg.grad_accum
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(examples) / per_step))
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = cosine_schedule(optimizer, total_steps, round(cfg.warmup_ratio * total_steps), cfg.min_lr_ratio)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    n_trainable = sum(p.numel() for p in trainable.values())
+    n_total = sum(p.numel() for p in model.parameters())
+
+    step, history = 0, []
+    if resume:
+        step, history = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, restore_rng)
+        log(f"resuming at step {step}/{total_steps}")
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "logs"))
+    log(
+        f"training {n_trainable:,} of {n_total:,} parameters ({cfg.stage}{', LoRA' if cfg.lora_r else ''}), "
+        f"{len(examples)} samples, {total_steps} steps of {per_step}, {'bf16' if bf16 else 'fp32'} on {device}"
+    )
+    batches = batches_from(examples, cfg.batch_size, cfg.seed, step * cfg.grad_accum)
+    model.train()
+    start = time.time()
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", file=sys.stderr)
+    while step < total_steps:
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = collate(next(batches), pad_id, images)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(**batch).loss / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        record = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[-1], "grad_norm": float(grad_norm)}
+        if eval_examples and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            record["eval_loss"] = eval_loss(model, eval_examples, pad_id, images, cfg.batch_size, bf16, device)
+        history.append(record)
+        for key in ("loss", "lr", "grad_norm", "eval_loss"):
+            if key in record:
+                writer.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", record[key], step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.3f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            save_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, step, history, capture_rng())
+        if stop_after is not None and step >= stop_after:
+            save_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, step, history, capture_rng())
+            bar.close()
+            return {"stopped_at": step}
+    bar.close()
+    train_seconds = time.time() - start
+
+    final_eval = None
+    if eval_examples:
+        final_eval = eval_loss(model, eval_examples, pad_id, images, cfg.batch_size, bf16, device)
+        history[-1]["eval_loss"] = final_eval
+        writer.add_scalar("eval/loss", final_eval, step)
+    writer.close()
+
+    if cfg.lora_r > 0:
+        from vlmkit.train.lora import merge_lora
+
+        merge_lora(model)
+    model.requires_grad_(False)
+    save_model_atomic(model, processor, out / MODEL)
+    atomic_write_text(out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    plot_history(history, out / "loss.png")
+    if (out / CHECKPOINT).exists():
+        shutil.rmtree(out / CHECKPOINT)
+    summary = {
+        "model": str(out / MODEL),
+        "steps": step,
+        "train_seconds": round(train_seconds, 1),
+        "final_loss": history[-1]["loss"],
+        "eval_loss": final_eval,
+        "trainable_parameters": n_trainable,
+        "skipped_too_long": skipped + eval_skipped,
+    }
+    atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """Training (and eval) loss against step, as a PNG beside the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train loss", lw=1)
+    evals = [r for r in history if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
