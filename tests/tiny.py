@@ -59,7 +59,10 @@ def make_gpt2(folder: Path, hidden: int = 64, layers: int = 2, seed: int = 0) ->
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = make_tokenizer()
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=4, n_positions=512)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

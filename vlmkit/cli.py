@@ -41,12 +41,17 @@ def cmd_quickstart(args) -> None:
 
 def cmd_train(args) -> None:
     from vlmkit.config import load_config
-    from vlmkit.train.loop import train
 
     fixed = {"data": args.data, "eval_data": args.eval_data, "output": args.output}
+    if False:
+        # argparse hands the first positional to the optional CONFIG; `train lr=1e-4` means an override
+        args.overrides.insert(0, args.config)
+        args.config = None
     if args.resume and args.output and os.path.isfile(os.path.join(args.output, "config.yaml")) and not args.config:
         args.config = os.path.join(args.output, "config.yaml")  # resume with the run's own config
     cfg = load_config(args.config, args.overrides, **fixed)
+    from vlmkit.train.loop import train  # heavy (torch, transformers): after the config is known to be good
+
     summary = train(cfg, resume=args.resume)
     print(json.dumps(summary, indent=2))
 

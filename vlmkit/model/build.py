@@ -58,6 +58,18 @@ def load_llm(name: str):
     return model, tokenizer
 
 
+def add_token_rows(lm, vocab_size: int) -> None:
+    """Grow the LM's vocabulary to `vocab_size`; new rows start at the mean of the old ones
+    (deterministic, and close to what the LM already produces)."""
+    old = lm.get_input_embeddings().weight.shape[0]
+    lm.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for layer in {id(m): m for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m is not None}.values():
+            layer.weight[old:] = layer.weight[:old].mean(0)
+            if getattr(layer, "bias", None) is not None:
+                layer.bias[old:] = layer.bias[:old].mean()
+
+
 def compose(
     vision: str = DEFAULT_VISION,
     llm: str = DEFAULT_LLM,
@@ -76,7 +88,7 @@ def compose(
     spec, tower, image_processor = load_vision(vision, image_size=image_size, feature_layer=vision_feature_layer)
     lm, tokenizer = load_llm(llm)
     if ensure_special_tokens(tokenizer):
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        add_token_rows(lm, len(tokenizer))
     config = VlmkitConfig(
         vision=spec,
         text_config=lm.config,

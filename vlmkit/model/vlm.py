@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlmkit.errors import VlmkitError
 from vlmkit.model.projector import PROJECTORS, grid_side, pool_grid
@@ -148,6 +149,8 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 if image_features is None:
                     image_features = self.encode_images(pixel_values)
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, self.project(image_features))
+        if labels is not None and past_key_values is None and self._plain_lm_head():
+            return self._loss_on_labels(inputs_embeds, attention_mask, position_ids, labels, **kwargs)
         return self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -158,6 +161,28 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+
+    def _plain_lm_head(self) -> bool:
+        """True when logits are just lm_head(hidden) (no soft-capping or scaling we would skip)."""
+        text = self.config.text_config
+        return not any(getattr(text, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+
+    def _loss_on_labels(self, inputs_embeds, attention_mask, position_ids, labels, **kwargs):
+        """Mean next-token loss over labelled positions, projecting only those through lm_head.
+
+        Answers are a few tokens of each sequence, and the head (vocab x hidden) is a large share of a small
+        LM's compute: skipping the other positions makes a training step markedly cheaper. Same value as
+        the LM's own loss (cross-entropy, mean over labels != -100).
+        """
+        hidden = self.language_model.base_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+        ).last_hidden_state  # (B, T, H)
+        targets = labels[:, 1:]  # position t predicts token t+1
+        keep = targets != -100
+        logits = self.get_output_embeddings()(hidden[:, :-1][keep])  # (N_labelled, V)
+        loss = nn.functional.cross_entropy(logits.float(), targets[keep])
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
 AutoConfig.register("vlmkit", VlmkitConfig, exist_ok=True)

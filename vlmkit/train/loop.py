@@ -187,8 +187,9 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
-    """Train per `cfg`; returns a summary dict. `stop_after` ends early (tests of resume use it)."""
+def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, built=None) -> dict:
+    """Train per `cfg`; returns a summary dict. `stop_after` ends early (tests of resume use it);
+    `built` is an already composed (model, processor) to train instead of building one from `cfg`."""
     out = Path(cfg.output)
     if not cfg.data:
         raise VlmkitError("no training data: pass --data FILE.jsonl (see `vlmkit data check --help` for the format)")
@@ -209,7 +210,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     samples = load_samples(cfg.data)
     eval_samples = load_samples(cfg.eval_data) if cfg.eval_data else []
     log(f"loading the model ({cfg.model or f'{cfg.vision} + {cfg.llm}'})")
-    model, processor = build_model(cfg)
+    model, processor = built or build_model(cfg)
     groups = set_trainable(model, cfg)
     model.to(device)
     examples, skipped = tokenize_samples(samples, processor, cfg.max_length, cfg.skip_too_long)

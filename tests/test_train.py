@@ -1,0 +1,109 @@
+"""Training on tiny random parts: loss falls, resume is exact, the saved model reloads identically."""
+
+import json
+
+import pytest
+import torch
+
+from vlmkit.config import load_config
+from vlmkit.data.collate import tokenize_samples
+from vlmkit.data.processor import IGNORE_INDEX
+from vlmkit.data.schema import load_samples
+from vlmkit.errors import VlmkitError
+from vlmkit.model.build import compose, load_model
+from vlmkit.train.loop import train
+
+
+def tiny_config(parts, shapes, out, *extra, lm="llama"):
+    train_file, test_file = shapes
+    overrides = [
+        f"vision={parts['clip']}", f"llm={parts[lm]}", "image_tokens=4", "batch_size=4", "max_steps=8",
+        "lr=3e-3", "projector_lr=3e-3", "save_every=2", "log_every=1", "precision=fp32", *extra,
+    ]
+    return load_config(None, overrides, data=str(train_file), eval_data=str(test_file), output=str(out))
+
+
+@pytest.mark.parametrize("lm", ["llama", "gpt2"])
+def test_loss_falls_and_model_reloads(parts, shapes, tmp_path, lm):
+    cfg = tiny_config(parts, shapes, tmp_path / "run", "max_steps=20", "lr=1e-2", "warmup_ratio=0", lm=lm)
+    summary = train(cfg)
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["loss"] < 0.6 * history[0]["loss"]
+    for name in ("loss.png", "config.yaml", "train_summary.json"):
+        assert (tmp_path / "run" / name).is_file()
+    assert list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+    model, processor = load_model(summary["model"])
+    sample = load_samples(shapes[1])[0]
+    ids, labels = processor.render(sample.messages)
+    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}
+    pixels = processor.pixel_values([__import__("vlmkit.data.images", fromlist=["x"]).load_image(sample.images[0])])
+    loss = model(**batch, pixel_values=pixels).loss
+    assert loss.item() < history[0]["loss"]
+
+
+def test_align_stage_trains_only_the_projector(parts, shapes, tmp_path):
+    cfg = tiny_config(parts, shapes, tmp_path / "run", "stage=align", "max_steps=2")
+    before, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
+    summary = train(cfg)
+    after, _ = load_model(summary["model"])
+    lm_before = before.language_model.state_dict()
+    for name, value in after.language_model.state_dict().items():
+        assert torch.equal(value, lm_before[name]), name
+    assert not torch.equal(after.projector.fc1.weight, before.projector.fc1.weight)
+    assert summary["trainable_parameters"] == sum(p.numel() for p in before.projector.parameters())
+
+
+def test_resume_gives_the_same_weights(parts, shapes, tmp_path):
+    full = train(tiny_config(parts, shapes, tmp_path / "full"))
+    stopped = train(tiny_config(parts, shapes, tmp_path / "cut"), stop_after=3)
+    assert stopped == {"stopped_at": 3}
+    resumed = train(tiny_config(parts, shapes, tmp_path / "cut"), resume=True)
+    a, _ = load_model(full["model"])
+    b, _ = load_model(resumed["model"])
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_lora_trains_and_merges(parts, shapes, tmp_path):
+    cfg = tiny_config(parts, shapes, tmp_path / "run", "lora_r=8", "max_steps=6")
+    base, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
+    summary = train(cfg)
+    merged, _ = load_model(summary["model"])
+    assert not any("lora" in n for n in merged.state_dict())
+    changed = [n for n, v in merged.language_model.state_dict().items() if not torch.equal(v, base.language_model.state_dict()[n])]
+    assert any("q_proj" in n for n in changed)
+
+
+def test_existing_run_needs_resume(parts, shapes, tmp_path):
+    train(tiny_config(parts, shapes, tmp_path / "run"), stop_after=2)
+    with pytest.raises(VlmkitError, match="--resume"):
+        train(tiny_config(parts, shapes, tmp_path / "run"))
+
+
+def test_too_long_sample_is_an_error_naming_the_line(parts, shapes):
+    _, processor = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
+    samples = load_samples(shapes[0])
+    with pytest.raises(VlmkitError, match=r"train\.jsonl:1: .*max_length=3"):
+        tokenize_samples(samples, processor, max_length=3)
+    examples, skipped = tokenize_samples(samples, processor, max_length=3, skip_too_long=True)
+    assert examples == [] and skipped == len(samples)
+
+
+def test_labels_cover_exactly_the_assistant_tokens(parts):
+    _, processor = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        {"role": "user", "content": [{"type": "text", "text": "How many shapes are there?"}]},
+        {"role": "assistant", "content": "2"},
+    ]
+    ids, labels = processor.render(messages)
+    # the token-by-token rendering equals tokenizing the chat template's text
+    text = processor.apply_chat_template(messages, tokenize=False)
+    assert ids == processor.tokenizer.encode(processor.expand_image_tokens(text), add_special_tokens=False)
+    trained = processor.tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX])
+    assert trained == "red<|im_end|>2<|im_end|>"
+    assert ids.count(processor.image_token_id) == 4
