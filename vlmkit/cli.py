@@ -43,7 +43,7 @@ def cmd_train(args) -> None:
     from vlmkit.config import load_config
 
     fixed = {"data": args.data, "eval_data": args.eval_data, "output": args.output}
-    if False:
+    if args.config and "=" in args.config and not os.path.isfile(args.config):
         # argparse hands the first positional to the optional CONFIG; `train lr=1e-4` means an override
         args.overrides.insert(0, args.config)
         args.config = None

@@ -7,6 +7,7 @@ Today this loads vlmkit's own composed models (a folder written by `train`, `qui
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -53,6 +54,8 @@ def load(path: str, device: str | None = None, dtype: torch.dtype = torch.float3
     from vlmkit.model.build import is_vlmkit_dir, load_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not Path(path).exists():
+        raise VlmkitError(f"model {path!r} not found: give a folder written by `vlmkit train` or `vlmkit quickstart`")
     if is_vlmkit_dir(path):
         model, processor = load_model(path, dtype=dtype, device=device)
         return VLM(model, processor)

@@ -5,7 +5,8 @@ tower read at `feature_layer`, every patch token kept (no pooling, so `image_tok
 `mlp` projector (Linear -> exact GELU -> Linear, Llava's `projector_hidden_act="gelu"`) or a `linear` one
 (written as Linear -> identity -> identity matrix, `projector_hidden_act="linear"`, which is exact). The
 exported folder loads with plain transformers (`AutoModelForImageTextToText`, `AutoProcessor`), gives the
-same logits and the same greedy generations as vlmkit. Other parts raise a `VlmkitError` saying why.
+same logits and the same greedy generations as vlmkit (on CPU in float32 the logits are bitwise equal:
+the same ops run in the same order). Other parts raise a `VlmkitError` saying why.
 
 Weight layout (transformers 5):
     vision_tower.model.*        -> model.vision_tower.*
@@ -52,19 +53,19 @@ def check_llava_exportable(config) -> None:
         tower = f"hf {model_type}" if spec.get("kind") == "hf" else spec.get("name", spec.get("kind"))
         raise VlmkitError(
             f"cannot export to Llava: the vision tower is {tower}, Llava needs a CLIP or SigLIP tower; "
-            "compose with one (e.g. --vision openai/clip-vit-base-patch32) or keep the vlmkit format"
+            "build the model with vision= a CLIP or SigLIP model (e.g. openai/clip-vit-base-patch32) to export it"
         )
     if config.projector not in LLAVA_PROJECTORS:
         raise VlmkitError(
             f"cannot export to Llava: projector {config.projector!r} has no Llava equivalent "
-            f"(Llava's is Linear -> GELU -> Linear); compose with projector 'mlp' or 'linear'"
+            "(Llava's is Linear -> GELU -> Linear); build the model with projector=mlp or projector=linear"
         )
     vision = spec["config"]
     side = vision["image_size"] // vision["patch_size"]
     if config.image_tokens != side * side:
         raise VlmkitError(
             f"cannot export to Llava: image_tokens={config.image_tokens} pools the tower's {side}x{side} patch "
-            f"grid, and Llava feeds every patch to the LM; compose with image_tokens={side * side} to export"
+            f"grid, and Llava feeds every patch to the LM; build the model with image_tokens={side * side} to export"
         )
 
 
@@ -115,9 +116,10 @@ def _llava_state_dict(model) -> tuple[dict[str, torch.Tensor], bool]:
             state[f"model.multi_modal_projector.{PROJECTOR_LAYERS[layer]}.{param}"] = value
         elif rest.startswith(prefix + "."):
             state["model.language_model." + rest.removeprefix(prefix + ".")] = value
-        elif rest == f"{head}.weight":
-            if not tie:  # an own copy: safetensors refuses tensors that share memory
-                state["lm_head.weight"] = value.clone()
+        elif rest.startswith(head + "."):
+            param = rest.removeprefix(head + ".")
+            if not (tie and param == "weight"):  # a copy: safetensors refuses tensors that share memory
+                state[f"lm_head.{param}"] = value.clone()
         else:
             raise VlmkitError(f"cannot export to Llava: the LM has a weight {rest!r} outside its base model and head")
 
@@ -139,7 +141,7 @@ def _check_layout(llava_config, state: dict[str, torch.Tensor], tie: bool) -> No
     got = {k: v.shape for k, v in state.items()}
     if expected != got:
         diff = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
-        raise VlmkitError(f"cannot export to Llava: weights don't map onto Llava's layout (first differences: {diff[:3]})")
+        raise VlmkitError(f"cannot export to Llava: the weights don't map onto Llava's layout (first: {diff[:3]})")
 
 
 def _llava_processor(model, processor):
@@ -184,7 +186,7 @@ def _verify(model, processor, folder: Path) -> None:
     theirs = llava_processor(images=[image], text=prompt, return_tensors="pt")
     if llava_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) != prompt:
         raise VlmkitError("export check failed: the Llava processor's chat template renders differently")
-    if not torch.equal(ours["input_ids"], theirs["input_ids"]) or not torch.equal(ours["pixel_values"], theirs["pixel_values"]):
+    if not all(torch.equal(ours[k], theirs[k]) for k in ("input_ids", "pixel_values")):
         raise VlmkitError("export check failed: the Llava processor doesn't give vlmkit's input ids and pixels")
     pixels = ours["pixel_values"]
     expected_image = model.get_image_features(pixels)[0]  # (image_tokens, H)
@@ -244,14 +246,9 @@ def export_llava(model_dir: str, out_dir: str, verify: bool = True) -> str:
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    tied = "tied" if tie else "untied"
-    checked = ", logits checked" if verify else ""
-    return f"wrote Llava checkpoint {out} ({config_summary(llava_config)}, lm_head {tied}{checked})"
-
-
-def config_summary(llava_config) -> str:
     vision, text = llava_config.vision_config, llava_config.text_config
     return (
-        f"{vision.model_type} layer {llava_config.vision_feature_layer} '{llava_config.vision_feature_select_strategy}', "
-        f"{llava_config.image_seq_length} image tokens, {text.model_type} LM"
+        f"wrote Llava checkpoint {out}: {vision.model_type} layer {llava_config.vision_feature_layer} "
+        f"({llava_config.vision_feature_select_strategy}), {llava_config.image_seq_length} image tokens, "
+        f"{text.model_type} LM, lm_head {'tied' if tie else 'untied'}{', checked against vlmkit' if verify else ''}"
     )

@@ -16,6 +16,7 @@ a spec, the tower with its pretrained weights, and the matching image processor.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -115,9 +116,10 @@ def _hf_vision_config(name: str):
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
+        where = "a local folder without a readable config.json" if os.path.isdir(name) else "no such local folder"
         raise VlmkitError(
-            f"vision tower {name!r}: not a built-in name ({', '.join(sorted(BUILTIN_VISION))}), "
-            f"not `timm:NAME`, and no transformers config could be read ({str(e).splitlines()[0]})"
+            f"unknown vision tower {name!r}: not a built-in name ({', '.join(sorted(BUILTIN_VISION))}), not "
+            f"`timm:NAME`, {where}, and not loadable as a hub id ({str(e).splitlines()[0][:120]})"
         ) from None
     return getattr(config, "vision_config", None) or config
 

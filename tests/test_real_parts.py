@@ -1,0 +1,29 @@
+"""The real default parts (EfficientNet-Lite0 ImageNet weights + SmolLM2-135M-Instruct GGUF), a few steps.
+
+Slow (about two minutes on 2 CPU cores) but it is the one test that proves the default path works:
+the GGUF loads, the features are cached, the loss falls, and the trained model answers in words.
+"""
+
+import json
+
+import pytest
+
+from vlmkit.config import load_config
+from vlmkit.data.shapes import make_shapes_dataset
+from vlmkit.infer.load import load
+from vlmkit.train.loop import train
+
+
+@pytest.mark.slow
+def test_default_parts_train_and_answer(tmp_path):
+    data = make_shapes_dataset(tmp_path / "data", "train", 48, seed=0, questions_per_image=3, captions=False)
+    cfg = load_config(None, ["max_steps=8", "batch_size=6", "save_every=0"], data=str(data), output=str(tmp_path / "run"))
+    summary = train(cfg)
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    first, last = history[0]["loss"], sum(r["loss"] for r in history[-3:]) / 3
+    assert last < 0.5 * first, (first, last)
+
+    vlm = load(summary["model"])
+    image = sorted((tmp_path / "data" / "images").glob("*.png"))[0]
+    reply = vlm.ask(str(image), "How many shapes are there?", max_new_tokens=4)
+    assert reply.strip() != "" and len(reply) < 40
