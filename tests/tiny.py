@@ -88,3 +88,50 @@ def make_clip_vision(folder: Path, image_size: int = 32, patch: int = 8, hidden:
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(folder)
     return folder
+
+
+def make_lm(folder: Path, arch: str, hidden: int = 64, seed: int = 0) -> Path:
+    """A tiny causal LM of one of the supported families, with the test tokenizer."""
+    import torch
+    import transformers as tf
+
+    tokenizer = make_tokenizer()
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**common),
+        "qwen2": lambda: tf.Qwen2Config(**common),
+        "phi3": lambda: tf.Phi3Config(**common, pad_token_id=0),
+        "gemma": lambda: tf.GemmaConfig(**common, head_dim=16),
+        "gpt2": lambda: tf.GPT2Config(
+            vocab_size=len(tokenizer), n_embd=hidden, n_layer=2, n_head=4, n_positions=512,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        ),
+    }
+    torch.manual_seed(seed)
+    tf.AutoModelForCausalLM.from_config(configs[arch]()).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_vision(folder: Path, arch: str, image_size: int = 32, seed: int = 0) -> Path:
+    """A tiny transformers vision tower (clip, siglip, vit, dinov2) with its image processor."""
+    import torch
+    import transformers as tf
+
+    if arch == "clip":
+        return make_clip_vision(folder, image_size=image_size, seed=seed)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=image_size, patch_size=8)
+    size = {"height": image_size, "width": image_size}
+    config, processor = {
+        "siglip": (tf.SiglipVisionConfig(**common), tf.SiglipImageProcessor(size=size)),
+        "vit": (tf.ViTConfig(**common), tf.ViTImageProcessor(size=size)),
+        "dinov2": (tf.Dinov2Config(**common), tf.BitImageProcessor(size={"shortest_edge": image_size}, crop_size=size)),
+    }[arch]
+    torch.manual_seed(seed)
+    tf.AutoModel.from_config(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

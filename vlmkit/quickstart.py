@@ -31,7 +31,7 @@ RECIPE = {
     "warmup_ratio": 0.05,
     "save_every": 50,
 }
-TRAIN_IMAGES = 1200
+TRAIN_IMAGES = 800
 TEST_IMAGES = 200
 QUESTIONS_PER_IMAGE = 4
 

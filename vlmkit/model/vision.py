@@ -10,7 +10,8 @@ its tower without downloading anything:
     {"kind": "hf", "config": {...a transformers vision config...}, "feature_layer": -2}
     {"kind": "timm", "name": "resnet18"}
 `load_vision(name)` turns what a user typed (a built-in name, a local folder, a hub id, `timm:NAME`) into
-a spec, the tower with its pretrained weights, and the matching image processor.
+a spec, the tower with its pretrained weights, and the matching image processor
+(`timm:NAME@FILE` takes timm's weights from a local file).
 """
 
 from __future__ import annotations
@@ -66,10 +67,21 @@ class HFTower(nn.Module):
 class TimmTower(nn.Module):
     """A timm model: CNNs give a feature map, ViTs give tokens; both become a grid."""
 
-    def __init__(self, spec: dict, pretrained: bool = False):
+    def __init__(self, spec: dict, pretrained: bool = False, weights_file: str | None = None):
         super().__init__()
         timm = _import_timm()
-        self.model = timm.create_model(spec["name"], pretrained=pretrained, num_classes=0)
+        overlay = {"file": weights_file} if weights_file else None
+        try:
+            self.model = timm.create_model(
+                spec["name"], pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay
+            )
+        except RuntimeError as e:  # unknown model name
+            raise VlmkitError(f"timm vision tower {spec['name']!r}: {str(e).splitlines()[0]}") from None
+        except OSError as e:  # weights not downloadable (offline) or file unreadable
+            raise VlmkitError(
+                f"timm vision tower {spec['name']!r}: cannot get its pretrained weights ({str(e).splitlines()[0][:100]}); "
+                "offline, name a local weights file as timm:NAME@/path/weights.safetensors"
+            ) from None
         self.hidden_size = self.model.num_features
         self.prefix_tokens = getattr(self.model, "num_prefix_tokens", 0)
 
@@ -136,8 +148,9 @@ def load_vision(name: str, image_size: int | None = None, feature_layer: int = -
         return spec, tower, _fixed_size_processor(image_size or 224, IMAGE_MEAN, IMAGE_STD)
 
     if name.startswith("timm:"):
-        spec = {"kind": "timm", "name": name[len("timm:") :]}
-        tower = TimmTower(spec, pretrained=pretrained)
+        model_name, _, weights_file = name[len("timm:") :].partition("@")
+        spec = {"kind": "timm", "name": model_name}
+        tower = TimmTower(spec, pretrained=pretrained, weights_file=weights_file or None)
         data_cfg = _import_timm().data.resolve_data_config({}, model=tower.model)
         size = image_size or data_cfg["input_size"][-1]
         return spec, tower, _fixed_size_processor(size, data_cfg["mean"], data_cfg["std"])
