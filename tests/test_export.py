@@ -66,6 +66,8 @@ def save_composed(parts, folder, vision="clip", llm="llama", **kwargs):
     with torch.no_grad():  # zero biases and std 0.02 hide slips (GELU's tanh form): make them count
         for p in model.projector.parameters():
             p.add_(torch.randn_like(p) * 0.5)
+        # non-identity input standardisation, as training sets it: export must fold it into linear_1
+        model.set_feature_stats(torch.randn(8, 4, 4, model.feature_mean.shape[0]) * 0.5 + 0.3)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return model, processor
@@ -111,8 +113,9 @@ def test_export_matches_vlmkit(parts, photo, tmp_path, vision, llm, projector, l
         out = llava(**theirs)
     assert expected.abs().max() > 0.1  # logits that could differ
     torch.testing.assert_close(out.logits, expected, atol=1e-4, rtol=1e-4)
-    # the image features enter the LM through a norm that shrinks slips; compare them before it
-    torch.testing.assert_close(out.image_hidden_states, expected_image, atol=1e-6, rtol=1e-6)
+    # the image features enter the LM through a norm that shrinks slips; compare them before it (the
+    # folded standardisation rounds differently from vlmkit's explicit one: float32 noise, ~1e-5)
+    torch.testing.assert_close(out.image_hidden_states, expected_image, atol=5e-5, rtol=1e-4)
 
     reply = Engine(model, processor).generate([MESSAGES], [[photo]], max_new_tokens=8)[0]
     with torch.inference_mode():

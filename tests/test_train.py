@@ -35,6 +35,10 @@ def test_loss_falls_and_model_reloads(parts, shapes, tmp_path, lm):
     assert not (tmp_path / "run" / "checkpoint").exists()
 
     model, processor = load_model(summary["model"])
+    # projector inputs are standardised with the training images' statistics, outputs scaled to text norm
+    assert model.feature_mean.abs().sum() > 0 and not torch.equal(model.feature_std, torch.ones_like(model.feature_std))
+    embeds = model.project(torch.randn(3, 2, 2, model.feature_mean.shape[0]))
+    assert torch.allclose(embeds.norm(dim=-1), torch.full(embeds.shape[:2], model.config.image_embed_norm), rtol=1e-4)
     sample = load_samples(shapes[1])[0]
     ids, labels = processor.render(sample.messages)
     batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}

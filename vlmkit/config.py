@@ -26,7 +26,9 @@ class TrainConfig:
     model: str | None = None  # a saved vlmkit model to continue from (instead of composing one)
     vision: str = "efficientnet-lite0"  # built-in name, local folder, hub id or timm:NAME
     llm: str = "smollm2-135m"  # built-in name, local folder, hub id or .gguf file
-    projector: str = "mlp"  # linear | mlp | pixel_shuffle
+    projector: str = "ln_mlp"  # linear | mlp | ln_mlp | pixel_shuffle
+    norm_image_embeds: bool = True  # scale image embeddings to the LM's token-embedding norm
+    standardize_features: bool = True  # projector inputs standardised with the training images' statistics
     image_tokens: int = 9  # tokens per image (a square number)
     image_size: int | None = None  # input resolution of the tower; None = the tower's default
     stage: str = "sft"  # align: projector only; sft: projector + LM (full or LoRA)

@@ -78,6 +78,7 @@ def compose(
     image_size: int | None = None,
     pixel_shuffle_factor: int = 2,
     vision_feature_layer: int = -2,
+    norm_image_embeds: bool = False,
     seed: int = 0,
 ):
     """A new VLM from pretrained parts and a fresh projector: returns (model, processor)."""
@@ -89,8 +90,10 @@ def compose(
     lm, tokenizer = load_llm(llm)
     if ensure_special_tokens(tokenizer):
         add_token_rows(lm, len(tokenizer))
+    text_norm = lm.get_input_embeddings().weight.detach().norm(dim=-1).mean().item()
     config = VlmkitConfig(
         vision=spec,
+        image_embed_norm=round(text_norm, 4) if norm_image_embeds else 0.0,
         text_config=lm.config,
         projector=projector,
         image_tokens=image_tokens,

@@ -60,6 +60,11 @@ def check_llava_exportable(config) -> None:
             f"cannot export to Llava: projector {config.projector!r} has no Llava equivalent "
             "(Llava's is Linear -> GELU -> Linear); build the model with projector=mlp or projector=linear"
         )
+    if getattr(config, "image_embed_norm", 0.0) > 0:
+        raise VlmkitError(
+            "cannot export to Llava: the model rescales image embeddings (norm_image_embeds), which Llava "
+            "does not; train it with norm_image_embeds=false to export"
+        )
     vision = spec["config"]
     side = vision["image_size"] // vision["patch_size"]
     if config.image_tokens != side * side:
@@ -109,6 +114,8 @@ def _llava_state_dict(model) -> tuple[dict[str, torch.Tensor], bool]:
     state: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         part, _, rest = key.partition(".")
+        if part in ("feature_mean", "feature_std"):  # folded into linear_1 below
+            continue
         if part == "vision_tower":
             state["model.vision_tower." + rest.removeprefix("model.")] = value
         elif part == "projector":
@@ -123,6 +130,12 @@ def _llava_state_dict(model) -> tuple[dict[str, torch.Tensor], bool]:
         else:
             raise VlmkitError(f"cannot export to Llava: the LM has a weight {rest!r} outside its base model and head")
 
+    # vlmkit standardises projector inputs, (x - mean) / std; Llava feeds x to linear_1 directly, so fold
+    # it: W' = W / std, b' = b - W' @ mean (exact for identity statistics).
+    first = "model.multi_modal_projector.linear_1"
+    weight = state[f"{first}.weight"] / model.feature_std
+    state[f"{first}.weight"] = weight
+    state[f"{first}.bias"] = state[f"{first}.bias"] - weight @ model.feature_mean
     if model.config.projector == "linear":  # Linear -> identity act -> identity matrix: exactly the Linear
         hidden = model.config.text_config.hidden_size
         state["model.multi_modal_projector.linear_2.weight"] = torch.eye(hidden)

@@ -4,6 +4,8 @@ A tower gives a feature grid (B, h, w, D). The connector average-pools it to the
 `image_tokens` tokens and maps each cell to the LM's hidden size:
     linear         one Linear(D, H)                                   (LLaVA-1)
     mlp            Linear(D, H) -> GELU -> Linear(H, H)               (LLaVA-1.5 "mlp2x_gelu")
+    ln_mlp         LayerNorm(D) -> mlp                                (InternVL's mlp1; features of any
+                   scale, e.g. a CNN's ReLU6 maps, enter the MLP standardised)
     pixel_shuffle  r x r neighbours concatenated, then Linear(D*r*r, H) (SmolVLM / Idefics3)
 Pooling is parameter-free, so features can be cached after it while the tower is frozen.
 """
@@ -52,6 +54,15 @@ class MLPProjector(nn.Module):
         return self.fc2(F.gelu(self.fc1(grid.flatten(1, 2))))
 
 
+class LayerNormMLPProjector(MLPProjector):
+    def __init__(self, in_dim: int, out_dim: int, shuffle: int = 1):
+        super().__init__(in_dim, out_dim)
+        self.norm = nn.LayerNorm(in_dim)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.norm(grid))
+
+
 class PixelShuffleProjector(nn.Module):
     """Trade spatial resolution for channels: (B, g*r, g*r, D) -> (B, g*g, D*r*r) -> Linear."""
 
@@ -69,6 +80,7 @@ class PixelShuffleProjector(nn.Module):
 
 PROJECTORS.register("linear", LinearProjector)
 PROJECTORS.register("mlp", MLPProjector)
+PROJECTORS.register("ln_mlp", LayerNormMLPProjector)
 PROJECTORS.register("pixel_shuffle", PixelShuffleProjector)
 
 

@@ -43,6 +43,7 @@ class VlmkitConfig(PreTrainedConfig):
     pixel_shuffle_factor: int = 2
     image_token_id: int = 0
     vision_hidden_size: int = 0
+    image_embed_norm: float = 0.0  # > 0: every image embedding is rescaled to this L2 norm (see `project`)
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -72,6 +73,11 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
             shuffle=config.pixel_shuffle_factor,
         )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        # Per-channel statistics of the pooled features, measured on the training images (identity until
+        # then): the projector sees standardised inputs. See `set_feature_stats`.
+        hidden = config.vision_hidden_size or self.vision_tower.hidden_size
+        self.register_buffer("feature_mean", torch.zeros(hidden))
+        self.register_buffer("feature_std", torch.ones(hidden))
         self.post_init()
 
     # -- the plumbing transformers expects -------------------------------------------------------
@@ -105,8 +111,30 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return pool_grid(grid, side)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """(N_images, g, g, D) pooled features -> (N_images, image_tokens, H) LM embeddings."""
-        return self.projector(features.to(self.dtype_of(self.projector)))
+        """(N_images, g, g, D) pooled features -> (N_images, image_tokens, H) LM embeddings.
+
+        With `image_embed_norm` set (to the LM's mean token-embedding norm), each image embedding keeps
+        only its direction at the scale of text tokens. Unconstrained, a projector trained against a
+        small LM drifts to embeddings two orders of magnitude larger than any word's, which the LM then
+        treats as inert attention sinks: the loss stops depending on the image at all (measured).
+        """
+        features = (features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
+        embeds = self.projector(features.to(self.dtype_of(self.projector)))
+        if self.config.image_embed_norm > 0:
+            embeds = nn.functional.normalize(embeds, dim=-1) * self.config.image_embed_norm
+        return embeds
+
+    @torch.no_grad()
+    def set_feature_stats(self, features: torch.Tensor) -> None:
+        """Standardise projector inputs with the per-channel mean/std of `features` (N, g, g, D).
+
+        A frozen CNN's pooled features are dominated by what every image shares (background, layout):
+        on the shapes data the spread across images is ~30% of the spread across channels, so an
+        unstandardised projector maps every image to nearly the same embedding (measured).
+        """
+        flat = features.reshape(-1, features.shape[-1]).float()
+        self.feature_mean.copy_(flat.mean(0))
+        self.feature_std.copy_(flat.std(0).clamp_min(1e-3))
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         return self.project(self.encode_images(pixel_values))

@@ -72,6 +72,7 @@ def build_model(cfg: TrainConfig):
         projector=cfg.projector,
         image_tokens=cfg.image_tokens,
         image_size=cfg.image_size,
+        norm_image_embeds=cfg.norm_image_embeds,
         seed=cfg.seed,
     )
 
@@ -94,6 +95,13 @@ def set_trainable(model, cfg: TrainConfig) -> list[dict]:
         for p in group["params"]:
             p.requires_grad_(True)
     return groups
+
+
+def train_mode(model, cfg: TrainConfig) -> None:
+    """Training mode, except a frozen tower stays in eval mode (its BatchNorm statistics must not move)."""
+    model.train()
+    if not cfg.train_vision:
+        model.vision_tower.eval()
 
 
 def cosine_schedule(optimizer, total_steps: int, warmup: int, min_ratio: float):
@@ -154,6 +162,7 @@ def batches_from(examples, batch_size: int, seed: int, start: int):
 
 @torch.no_grad()
 def eval_loss(model, examples, pad_id, images, batch_size, bf16, device) -> float:
+    was_training = {m: m.training for m in model.modules()}
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
@@ -166,7 +175,8 @@ def eval_loss(model, examples, pad_id, images, batch_size, bf16, device) -> floa
         )
         total += loss.item()
         count += int((labels[:, 1:] != -100).sum())
-    model.train()
+    for module, mode in was_training.items():
+        module.training = mode
     return total / max(1, count)
 
 
@@ -222,6 +232,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     cache = cfg.cache_features and not cfg.train_vision
     images = ImageSource(model, processor, device, cache)
     images.warm([p for e in examples + eval_examples for p in e.images], "caching image features")
+    if cache and cfg.standardize_features and not cfg.model:
+        train_paths = list(dict.fromkeys(p for e in examples for p in e.images))
+        model.set_feature_stats(torch.stack([images.cache[p] for p in train_paths]))
 
     per_step = cfg.batch_size * cfg.grad_accum
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(examples) / per_step))
@@ -244,7 +257,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         f"{len(examples)} samples, {total_steps} steps of {per_step}, {'bf16' if bf16 else 'fp32'} on {device}"
     )
     batches = batches_from(examples, cfg.batch_size, cfg.seed, step * cfg.grad_accum)
-    model.train()
+    train_mode(model, cfg)
     start = time.time()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", file=sys.stderr)
     while step < total_steps:
