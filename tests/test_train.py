@@ -49,7 +49,7 @@ def test_loss_falls_and_model_reloads(parts, shapes, tmp_path, lm):
 
 def test_align_stage_trains_only_the_projector(parts, shapes, tmp_path):
     cfg = tiny_config(parts, shapes, tmp_path / "run", "stage=align", "max_steps=2")
-    before, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
+    before, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4, projector="ln_mlp")
     summary = train(cfg)
     after, _ = load_model(summary["model"])
     lm_before = before.language_model.state_dict()
