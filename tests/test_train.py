@@ -18,7 +18,7 @@ def tiny_config(parts, shapes, out, *extra, lm="llama"):
     train_file, test_file = shapes
     overrides = [
         f"vision={parts['clip']}", f"llm={parts[lm]}", "image_tokens=4", "batch_size=4", "max_steps=8",
-        "lr=3e-3", "projector_lr=3e-3", "save_every=2", "log_every=1", "precision=fp32", *extra,
+        "lr=3e-3", "projector_lr=3e-3", "save_every=2", "precision=fp32", *extra,
     ]
     return load_config(None, overrides, data=str(train_file), eval_data=str(test_file), output=str(out))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -58,11 +58,8 @@ class TrainConfig:
     seed: int = 0
     # bookkeeping
     output: str = "runs/train"
-    log_every: int = 10
     eval_every: int = 0  # steps between eval-loss passes; 0 = at the end only
     save_every: int = 50  # steps between resumable checkpoints; 0 = never
-    eval_generate: int = 200  # held-out samples to score by generation at the end (0 = none)
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.stage not in STAGES:
