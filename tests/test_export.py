@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from skimage.data import astronaut
-from tiny import make_clip_vision, make_gpt2, make_llama
+from tiny import make_clip_vision, make_gpt2, make_llama, make_vision
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlmkit.errors import VlmkitError
@@ -27,29 +27,12 @@ from vlmkit.model.vlm import VlmkitConfig, VlmkitForConditionalGeneration
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
 
 
-def make_siglip_vision(folder, image_size=32, patch=8, hidden=32, seed=0):
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
-
-    config = SiglipVisionConfig(
-        image_size=image_size,
-        patch_size=patch,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-    )
-    torch.manual_seed(seed)
-    SiglipVisionModel(config).save_pretrained(folder)
-    SiglipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("parts")
     return {
         "clip": make_clip_vision(root / "clip"),
-        "siglip": make_siglip_vision(root / "siglip"),
+        "siglip": make_vision(root / "siglip", "siglip"),
         "llama": make_llama(root / "llama"),
         "gpt2": make_gpt2(root / "gpt2"),
     }

@@ -7,6 +7,7 @@ import torch
 
 from vlmkit.config import load_config
 from vlmkit.data.collate import tokenize_samples
+from vlmkit.data.images import load_image
 from vlmkit.data.processor import IGNORE_INDEX
 from vlmkit.data.schema import load_samples
 from vlmkit.errors import VlmkitError
@@ -42,7 +43,7 @@ def test_loss_falls_and_model_reloads(parts, shapes, tmp_path, lm):
     sample = load_samples(shapes[1])[0]
     ids, labels = processor.render(sample.messages)
     batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}
-    pixels = processor.pixel_values([__import__("vlmkit.data.images", fromlist=["x"]).load_image(sample.images[0])])
+    pixels = processor.pixel_values([load_image(sample.images[0])])
     loss = model(**batch, pixel_values=pixels).loss
     assert loss.item() < history[0]["loss"]
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from vlmkit.errors import VlmkitError
 
@@ -120,7 +121,7 @@ def cmd_eval(args) -> None:
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
     )
     print(json.dumps({k: v for k, v in report.items() if k != "by_type"}, indent=2))
-    print(f"report: {args.output}  predictions: {predictions_path(__import__('pathlib').Path(args.output))}", file=sys.stderr)
+    print(f"report: {args.output}  predictions: {predictions_path(Path(args.output))}", file=sys.stderr)
 
 
 def cmd_data_check(args) -> None:
