@@ -13,8 +13,18 @@ CORPUS = [
 ]
 
 
-def make_tokenizer(vocab_size: int = 300):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def make_tokenizer(
+    vocab_size: int = 300,
+    special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    bos_token: str | None = "<|endoftext|>",
+    eos_token: str | None = "<|im_end|>",
+    unk_token: str | None = "<|endoftext|>",
+    add_bos: bool = False,
+    **token_kwargs,
+):
+    """Byte-level BPE trained on CORPUS. `special_tokens` get the first ids (in order); `add_bos` makes encoding
+    prepend `bos_token` (like Llama/Gemma tokenizers); extra kwargs (e.g. `pad_token`) go to the tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -22,13 +32,18 @@ def make_tokenizer(vocab_size: int = 300):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS * 20, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
-    )
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", pair=f"{bos_token} $A $B",
+            special_tokens=[(bos_token, tok.token_to_id(bos_token))],
+        )
+    roles = dict(bos_token=bos_token, eos_token=eos_token, unk_token=unk_token)
+    roles = {k: v for k, v in roles.items() if v is not None}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **roles, **token_kwargs)
 
 
 def make_llama(folder: Path, hidden: int = 64, layers: int = 2, tie: bool = True, seed: int = 0) -> Path:

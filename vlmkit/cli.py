@@ -15,6 +15,7 @@ from pathlib import Path
 from vlmkit.errors import VlmkitError
 
 EPILOG = "Docs and examples: README.md. Every command has --help."
+DEFAULT_VLM = "HuggingFaceTB/SmolVLM-256M-Instruct"  # for the task presets (caption, ask, ocr)
 
 
 def _quiet_libraries() -> None:
@@ -26,11 +27,9 @@ def _quiet_libraries() -> None:
 
 
 def _load_engine(model: str):
-    from vlmkit.infer.engine import Engine
     from vlmkit.infer.load import load
 
-    vlm = load(model)
-    return Engine(vlm.model, vlm.processor)
+    return load(model).engine
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -76,9 +75,17 @@ def _conversation(args) -> tuple[list[dict], list[str]]:
     messages = []
     if args.system:
         messages.append({"role": "system", "content": [{"type": "text", "text": args.system}]})
-    parts = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.prompt}]
-    messages.append({"role": "user", "content": parts})
-    return messages, list(args.image)
+    media: list = list(args.image)
+    parts = [{"type": "image"} for _ in args.image]
+    for video in args.video:
+        from vlmkit.data.video import read_frames
+
+        frames = read_frames(video, frames=args.frames, fps=args.fps)
+        print(f"{video}: {len(frames)} frames at {', '.join(f.label for f in frames)}", file=sys.stderr)
+        media.append(frames)
+        parts.append({"type": "video"})
+    messages.append({"role": "user", "content": parts + [{"type": "text", "text": args.prompt}]})
+    return messages, media
 
 
 def cmd_generate(args) -> None:
@@ -104,6 +111,37 @@ def cmd_generate(args) -> None:
     for piece in engine.stream(messages, images, **opts):
         print(piece, end="", flush=True)
     print()
+
+
+def _run_task(args, key: str, prompt_of, extra: dict | None = None) -> None:
+    """caption / ask / ocr: one image and no --output prints the reply; otherwise JSON lines.
+    `prompt_of(family)` is the preset prompt, used unless --prompt overrides it."""
+    from vlmkit.infer.load import load
+    from vlmkit.infer.tasks import collect_images, run_images
+
+    images = collect_images(args.images)  # a bad path fails before the model loads
+    vlm = load(args.model)
+    prompt = args.prompt or prompt_of(vlm.family)
+    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    if len(images) == 1 and not args.output and not os.path.isdir(args.images[0]):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        print(vlm.engine.generate([conversation], [[images[0]]], **gen)[0])
+        return
+    summary = run_images(vlm, images, prompt, key, args.output, batch_size=args.batch_size, extra=extra, **gen)
+    print(summary.text(args.output), file=sys.stderr)
+
+
+def cmd_caption(args) -> None:
+    _run_task(args, "caption", lambda family: family.caption_prompt)
+
+
+def cmd_ask(args) -> None:
+    args.images = [args.image]
+    _run_task(args, "answer", lambda family: family.ask_prompt.format(question=args.question), {"question": args.question})
+
+
+def cmd_ocr(args) -> None:
+    _run_task(args, "text", lambda family: family.ocr_prompt)
 
 
 def cmd_chat(args) -> None:
@@ -152,8 +190,8 @@ def cmd_export(args) -> None:
 
 
 # -- parser -----------------------------------------------------------------------------------------
-def _add_sampling(p) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+def _add_sampling(p, max_new_tokens: int = 64) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"most tokens to generate (default {max_new_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
 
@@ -195,8 +233,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--messages", help="a JSON file holding a whole conversation (list of messages)")
     p.add_argument("--batch", help="a JSONL dataset: one reply per line, as JSON, to stdout")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--video", action="append", default=[], help="a video (mp4/webm/avi/mkv); keyframes go into the prompt")
+    p.add_argument("--frames", type=int, default=None, help="keyframes to sample evenly from each video (default 8)")
+    p.add_argument("--fps", type=float, default=None, help="sample keyframes at this rate instead of --frames")
     _add_sampling(p)
     p.set_defaults(func=cmd_generate)
+
+    presets = (
+        ("caption", cmd_caption, "describe images (one, several, or whole folders)", 96),
+        ("ocr", cmd_ocr, "read all the text in images, keeping line breaks", 512),
+        ("ask", cmd_ask, "answer a question about an image (or every image in a folder)", 64),
+    )
+    for name, func, text, max_new in presets:
+        p = sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}. One image prints the reply; "
+                           "several images or --output write JSON lines, appended as each batch finishes, and a re-run "
+                           "with the same --output resumes where it stopped. Unreadable images are skipped and listed.")
+        if name == "ask":
+            p.add_argument("image", help="an image file or a folder of images")
+            p.add_argument("question")
+        else:
+            p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+        p.add_argument("--model", default=DEFAULT_VLM, help=f"model folder or hub id (default {DEFAULT_VLM})")
+        p.add_argument("--prompt", help="replace the preset prompt of the model's family")
+        p.add_argument("--output", help="JSONL file to append results to (resumable); default: stdout")
+        p.add_argument("--batch-size", type=int, default=8, help="images per generation batch (default 8)")
+        _add_sampling(p, max_new)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat; /image PATH adds an image")
     p.add_argument("--model", required=True)

@@ -1,8 +1,13 @@
-"""Generation: chat messages + images -> text, batched or streamed.
+"""Generation: chat messages + images (and videos) -> text, batched or streamed, for every model family.
 
-The engine renders prompts with the processor's chat template, left-pads a batch so every prompt ends
-where generation starts, and decodes only the new tokens. Greedy by default (temperature 0);
-`temperature`/`top_p` switch to sampling. `stream` yields text pieces as they are produced.
+The engine renders prompts with the processor's chat template (or a family's plain prompt), left-pads a
+batch so every prompt ends where generation starts, and decodes only the new tokens. Greedy by default
+(temperature 0); `temperature`/`top_p` switch to sampling. `stream` yields text pieces as they come.
+
+A conversation's media are given in order of appearance of its `{"type": "image"}` and
+`{"type": "video"}` parts: an image is a path, bytes or PIL image; a video is a path or a list of
+`vlmkit.data.video.Frame`. Families with a video processor of their own (SmolVLM2, Qwen2-VL) get the
+frames natively; the others get them as images, each labelled with its timestamp ("Frame at 00:03:").
 """
 
 from __future__ import annotations
@@ -11,25 +16,92 @@ import sys
 from threading import Thread
 from typing import Iterator
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from vlmkit.data.images import load_image
+from vlmkit.errors import VlmkitError
+from vlmkit.infer.families import Family, family_of, fold_system, normalise_messages, plain_prompt
 
 
 class Engine:
-    def __init__(self, model, processor, device: torch.device | str | None = None):
+    def __init__(self, model, processor, device: torch.device | str | None = None, family: Family | None = None):
         self.model = model.eval()
         self.processor = processor
+        self.family = family or family_of(getattr(model.config, "model_type", ""))
         self.device = torch.device(device) if device else next(model.parameters()).device
         processor.tokenizer.padding_side = "left"
+        if processor.tokenizer.pad_token is None:
+            processor.tokenizer.pad_token = processor.tokenizer.eos_token
 
-    def _inputs(self, conversations: list[list[dict]], images: list[list]) -> dict:
-        texts = [self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in conversations]
-        flat = [load_image(i) for group in images for i in group]
-        inputs = self.processor(images=flat or None, text=texts, padding=True, return_tensors="pt")
-        return {k: v.to(self.device) for k, v in inputs.items()}
+    # -- prompts --------------------------------------------------------------------------------
+    def prepare(self, messages: list[dict], media: list | None) -> tuple[list[dict], list, list]:
+        """(messages as the processor will see them, images, videos): media loaded, videos expanded."""
+        from vlmkit.data.video import read_frames, video_prompt_parts
 
+        media = list(media or [])
+        messages = normalise_messages(messages)
+        wanted = sum(1 for m in messages for p in m["content"] if p["type"] in ("image", "video"))
+        if wanted != len(media):
+            raise VlmkitError(f"the conversation has {wanted} image/video parts but {len(media)} images/videos were given")
+        images, videos, out, k = [], [], [], 0
+        for m in messages:
+            parts = []
+            for p in m["content"]:
+                if p["type"] == "image":
+                    images.append(load_image(media[k]))
+                    parts.append({"type": "image"})
+                    k += 1
+                elif p["type"] == "video":
+                    frames = read_frames(media[k]) if not isinstance(media[k], list) else media[k]
+                    k += 1
+                    if self.family.native_video:
+                        videos.append(frames)
+                        parts.append({"type": "video"})
+                        if self.family.name != "smolvlm":  # SmolVLM's processor writes its own timestamps
+                            times = ", ".join(f.label for f in frames)
+                            parts.append({"type": "text", "text": f"(frames at {times})\n"})
+                    else:
+                        parts.extend(video_prompt_parts(frames))
+                        images.extend(f.image for f in frames)
+                else:
+                    parts.append(p)
+            out.append({"role": m["role"], "content": parts})
+        return out, images, videos
+
+    def prompt(self, messages: list[dict]) -> str:
+        """The text the processor tokenizes, generation prompt included."""
+        family = self.family
+        if not family.chat_template:  # PaliGemma: image tokens first, then the text
+            n_images = sum(1 for m in messages for p in m["content"] if p["type"] == "image")
+            try:
+                return getattr(self.processor, "image_token", "<image>") * n_images + plain_prompt(messages, family)
+            except ValueError as e:
+                raise VlmkitError(str(e)) from None
+        if not family.system_turn:
+            messages = fold_system(messages)
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def inputs(self, conversations: list[list[dict]], media: list[list]) -> dict:
+        texts, images, videos = [], [], []
+        for messages, items in zip(conversations, media):
+            messages, imgs, vids = self.prepare(messages, items)
+            texts.append(self.prompt(messages))
+            images.append(imgs)
+            videos.extend(vids)
+        kwargs: dict = {}
+        if any(images):
+            if self.family.nested_images:
+                kwargs["images"] = images
+            else:
+                kwargs["images"] = [i for group in images for i in group]
+        if videos:
+            kwargs.update(_video_kwargs(videos))
+        inputs = self.processor(text=texts, padding=True, return_tensors="pt", **kwargs)
+        return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+
+    # -- generation -----------------------------------------------------------------------------
     def _gen_kwargs(self, max_new_tokens: int, temperature: float, top_p: float) -> dict:
         kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": self.processor.tokenizer.pad_token_id}
         if temperature > 0:
@@ -37,6 +109,11 @@ class Engine:
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
+
+    def _cast(self, inputs: dict) -> dict:
+        """Floating inputs (pixel values) in the model's dtype."""
+        dtype = next(self.model.parameters()).dtype
+        return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
 
     @torch.inference_mode()
     def generate(
@@ -49,12 +126,12 @@ class Engine:
         batch_size: int = 8,
         progress: bool = False,
     ) -> list[str]:
-        """One reply per conversation; `images[i]` are the images of conversation i, in order."""
+        """One reply per conversation; `images[i]` are the media of conversation i, in order."""
         images = images or [[] for _ in conversations]
         outputs: list[str] = []
         starts = range(0, len(conversations), batch_size)
         for i in tqdm(starts, desc="generating", unit="batch", disable=not progress, file=sys.stderr):
-            inputs = self._inputs(conversations[i : i + batch_size], images[i : i + batch_size])
+            inputs = self._cast(self.inputs(conversations[i : i + batch_size], images[i : i + batch_size]))
             out = self.model.generate(**inputs, **self._gen_kwargs(max_new_tokens, temperature, top_p))
             new = out[:, inputs["input_ids"].shape[1] :]
             outputs.extend(t.strip() for t in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True))
@@ -66,10 +143,38 @@ class Engine:
         """Yield the reply to one conversation piece by piece."""
         from transformers import TextIteratorStreamer
 
-        inputs = self._inputs([messages], [images or []])
+        inputs = self._cast(self.inputs([messages], [images or []]))
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(**inputs, **self._gen_kwargs(max_new_tokens, temperature, top_p), streamer=streamer)
-        thread = Thread(target=lambda: torch.inference_mode()(self.model.generate)(**kwargs), daemon=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as e:  # re-raised in the caller's thread, after the streamer ends
+                errors.append(e)
+                streamer.end()
+
+        thread = Thread(target=run, daemon=True)
         thread.start()
         yield from streamer
         thread.join()
+        if errors:
+            raise errors[0]
+
+
+def _video_kwargs(videos: list) -> dict:
+    """Pre-sampled frames for a native video processor: arrays plus the timestamps they were taken at.
+
+    The metadata gives each frame's time in milliseconds (fps 1000, frame index = ms), so processors
+    that label frames (SmolVLM) or derive temporal positions from the sampling rate (Qwen2-VL) see
+    the true times and rate.
+    """
+    arrays, metadata = [], []
+    for frames in videos:
+        arrays.append(np.stack([np.asarray(f.image) for f in frames]))  # (T, H, W, 3)
+        ms = [round(f.time * 1000) for f in frames]
+        span = max(ms[-1] + 1, 1)
+        metadata.append({"total_num_frames": span, "fps": 1000.0, "frames_indices": ms, "duration": span / 1000})
+    return {"videos": arrays, "video_metadata": metadata, "do_sample_frames": False}

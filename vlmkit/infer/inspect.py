@@ -25,6 +25,8 @@ def inspect_model(path: str, image: str | None = None, prompt: str = DEFAULT_PRO
 
     picture = load_image(image) if image is not None else None  # a bad image fails before the model loads
     vlm = load(path, device="cpu")
+    if vlm.family.name != "vlmkit":
+        return inspect_pretrained(vlm, path, picture, prompt)
     model, processor = vlm.model, vlm.processor
     config = model.config
     lines: list[str] = [f"model: {path}", ""]
@@ -141,3 +143,61 @@ def _size_text(size) -> str:
     if "height" in size and "width" in size:
         return f"{size['width']}x{size['height']}"
     return ", ".join(f"{k} {v}" for k, v in size.items())
+
+
+# -- pretrained transformers VLMs -------------------------------------------------------------------
+# Where each family keeps its parts (attribute names of the modules, searched in this order).
+PART_NAMES = {
+    "vision tower": ("vision_tower", "vision_model", "visual"),
+    "projector": ("multi_modal_projector", "connector", "merger"),
+    "language": ("language_model", "text_model"),
+}
+
+
+def _find_part(model: torch.nn.Module, names: tuple[str, ...]) -> tuple[str, torch.nn.Module] | None:
+    for wanted in names:
+        for path, module in model.named_modules():
+            if path.rsplit(".", 1)[-1] == wanted:
+                return path, module
+    return None
+
+
+def inspect_pretrained(vlm, path: str, picture: Image.Image | None, prompt: str) -> str:
+    """The same report for a pretrained transformers VLM, measured through its own processor."""
+    model, processor, engine = vlm.model, vlm.processor, vlm.engine
+    config = model.config
+    lines = [f"model: {path}", f"family: {vlm.family.name} ({config.model_type}, {type(model).__name__})", ""]
+
+    lines += ["components and parameters", f"  {'part':<14}{'total':>14}{'trainable':>14}  module"]
+    for part, names in PART_NAMES.items():
+        found = _find_part(model, names)
+        if found is None:
+            lines += [f"  {part:<14}{'-':>14}{'-':>14}  (not a separate module)"]
+            continue
+        name, module = found
+        lines += [_param_row(part, module.parameters()) + f"  {name} ({type(module).__name__})"]
+    lines += [_param_row("all", model.parameters())]
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    blank = Image.new("RGB", (256, 256), (128, 128, 128))
+    shown = picture or blank
+    inputs = engine.inputs([messages], [[shown]])
+    ids = inputs["input_ids"][0].tolist()
+    image_token_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+    n_image = sum(1 for i in ids if i == image_token_id)
+    lines += ["", "image -> tokens" + (" (your image)" if picture is not None else " (a blank 256x256 image)")]
+    lines += [f"  image processor  {type(processor.image_processor).__name__}"]
+    lines += [f"  image            {shown.width}x{shown.height} {shown.mode}"]
+    for key, value in inputs.items():
+        if key not in ("input_ids", "attention_mask") and torch.is_tensor(value):
+            lines += [f"  {key:<16} {_shape(value)}"]
+    lines += [f"  image tokens     {n_image} in the prompt (token id {image_token_id})"]
+
+    lines += ["", "prompt -> tokens (one image and the prompt, ready for the reply)"]
+    text = engine.prompt(engine.prepare(messages, [shown])[0])
+    lines += ["  " + line for line in text.splitlines()]
+    lines += [f"  {len(ids)} tokens, {n_image} of them image tokens"]
+    template = getattr(processor, "chat_template", None)
+    lines += ["", "chat template (newlines shown as \\n)"]
+    lines += ["  " + template.replace("\n", "\\n") if template else "  (none: the prompt is plain text)"]
+    return "\n".join(lines)

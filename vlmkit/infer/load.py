@@ -1,64 +1,80 @@
-"""`vlmkit.load(...)`: one object for any model folder, with generate / caption / ask / stream.
+"""`vlmkit.load(...)`: one object for any model, with generate / ask / caption / ocr / stream.
 
-Today this loads vlmkit's own composed models (a folder written by `train`, `quickstart` or
-`save_pretrained`); pretrained transformers VLMs plug in here through the same `VLM` interface.
+A model is a folder written by `vlmkit train` or `quickstart` (vlmkit's own composition), or any
+pretrained transformers VLM by hub id or local folder (SmolVLM, Idefics3, Llava, LLaVA-NeXT, Qwen2-VL,
+PaliGemma...). Both come back as the same `VLM`, so everything downstream treats them alike; task
+prompts come from the model's family (`vlmkit.infer.families`) and can be overridden.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from vlmkit.errors import VlmkitError
-
-CAPTION_PROMPT = "Describe the image."
+from vlmkit.infer.families import Family, family_of
 
 
 @dataclass
 class VLM:
     model: object
     processor: object
+    family: Family = field(default=None)  # type: ignore[assignment]
+    name: str = ""
+
+    def __post_init__(self):
+        if self.family is None:
+            self.family = family_of(getattr(self.model.config, "model_type", ""))
 
     @property
     def engine(self):
         from vlmkit.infer.engine import Engine
 
         if not hasattr(self, "_engine"):
-            self._engine = Engine(self.model, self.processor)
+            self._engine = Engine(self.model, self.processor, family=self.family)
         return self._engine
 
     def generate(self, messages: list[dict], images: list | None = None, **kwargs) -> str:
-        """Reply to one conversation (chat messages with {"type": "image"} parts; images in order)."""
+        """Reply to one conversation (chat messages with image/video parts; `images` = their media in order)."""
         return self.engine.generate([messages], [images or []], **kwargs)[0]
 
     def stream(self, messages: list[dict], images: list | None = None, **kwargs) -> Iterator[str]:
+        """The reply to one conversation, piece by piece as it is generated."""
         return self.engine.stream(messages, images, **kwargs)
 
     def ask(self, image, question: str, **kwargs) -> str:
-        return self.generate(_user_turn(question, 1), [image], **kwargs)
+        return self.generate(user_turn(self.family.ask_prompt.format(question=question), 1), [image], **kwargs)
 
-    def caption(self, images: list, prompt: str = CAPTION_PROMPT, batch_size: int = 8, **kwargs) -> list[str]:
-        conversations = [_user_turn(prompt, 1) for _ in images]
+    def caption(self, images: list, prompt: str | None = None, batch_size: int = 8, **kwargs) -> list[str]:
+        return self._each(images, prompt or self.family.caption_prompt, batch_size, **kwargs)
+
+    def ocr(self, images: list, prompt: str | None = None, batch_size: int = 8, **kwargs) -> list[str]:
+        kwargs.setdefault("max_new_tokens", 512)
+        return self._each(images, prompt or self.family.ocr_prompt, batch_size, **kwargs)
+
+    def _each(self, images: list, prompt: str, batch_size: int, **kwargs) -> list[str]:
+        conversations = [user_turn(prompt, 1) for _ in images]
         return self.engine.generate(conversations, [[i] for i in images], batch_size=batch_size, **kwargs)
 
 
-def _user_turn(text: str, n_images: int) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+def user_turn(text: str, n_images: int, kind: str = "image") -> list[dict]:
+    return [{"role": "user", "content": [{"type": kind}] * n_images + [{"type": "text", "text": text}]}]
 
 
-def load(path: str, device: str | None = None, dtype: torch.dtype = torch.float32) -> VLM:
-    """Load a model folder; the device defaults to CUDA when available."""
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(name: str, device: str | None = None, dtype: torch.dtype | None = None) -> VLM:
+    """Load a model by folder or hub id; the device defaults to CUDA when available."""
     from vlmkit.model.build import is_vlmkit_dir, load_model
+    from vlmkit.model.pretrained import load_pretrained
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not Path(path).exists():
-        raise VlmkitError(f"model {path!r} not found: give a folder written by `vlmkit train` or `vlmkit quickstart`")
-    if is_vlmkit_dir(path):
-        model, processor = load_model(path, dtype=dtype, device=device)
-        return VLM(model, processor)
-    raise VlmkitError(
-        f"{path}: not a vlmkit model folder; give a folder written by `vlmkit train` or `vlmkit quickstart`"
-    )
+    device = device or default_device()
+    if is_vlmkit_dir(name):
+        model, processor = load_model(name, dtype=dtype or torch.float32, device=device)
+    else:
+        model, processor = load_pretrained(str(name), dtype=dtype, device=device)
+    return VLM(model, processor, name=str(Path(name)))
