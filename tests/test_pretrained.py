@@ -237,3 +237,28 @@ def test_unknown_hub_id_offline_is_one_clear_error(capfd, pictures):
     code, _, err = _run(capfd, "caption", pictures[0], "--model", "no-such-org/no-such-vlm")
     assert code == 2
     assert "no-such-org/no-such-vlm" in err and "local folder" in err and "Traceback" not in err
+
+
+def test_chat_with_a_pretrained_model_keeps_images_and_video(folders, pictures, clip):
+    """Scripted `vlmkit chat`: an image, then a video in a later turn; every turn sees all earlier media."""
+    import io
+
+    from vlmkit.infer.chat import chat_loop
+
+    vlm = vlmkit.load(folders["qwen2_vl"], device="cpu")
+    seen = []
+
+    class Recorder:
+        def stream(self, messages, media, **kwargs):
+            seen.append((messages, list(media)))
+            return vlm.engine.stream(messages, media, **kwargs)
+
+    lines = iter([f"/image {pictures[0]}", "What is it?", f"/video {clip}", "And now?", "/quit"])
+    out = io.StringIO()
+    chat_loop(Recorder(), max_new_tokens=3, input_fn=lambda _: next(lines), output=out)
+    assert len(seen) == 2
+    messages, media = seen[1]
+    kinds = [p["type"] for m in messages for p in m["content"] if p["type"] != "text"]
+    assert kinds == ["image", "video"] and len(media) == 2 and isinstance(media[1], list)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert "error" not in out.getvalue()

@@ -3,6 +3,7 @@
 Each line the user types is a user turn; the reply is streamed as it is generated and kept in the
 history, so later turns see the whole conversation. Commands:
     /image PATH   attach an image to the next message (checked at once; several may be attached)
+    /video PATH   attach a video's keyframes (8, evenly spaced) to the next message
     /reset        forget the conversation and any attached images
     /quit         leave (so does end of input, Ctrl-D)
 """
@@ -13,9 +14,10 @@ import sys
 from typing import Callable, TextIO
 
 from vlmkit.data.images import load_image
+from vlmkit.data.video import read_frames
 from vlmkit.errors import VlmkitError
 
-HELP = "/image PATH attaches an image to your next message, /reset starts over, /quit leaves."
+HELP = "/image PATH or /video PATH attaches media to your next message, /reset starts over, /quit leaves."
 
 
 def chat_loop(
@@ -51,27 +53,30 @@ def chat_loop(
             history, images, pending = [], [], []
             say("(conversation cleared)")
             continue
-        if line == "/image" or line.startswith("/image "):
-            path = line[len("/image") :].strip().strip("'\"")  # a dragged-in path may come quoted
+        command = line.split(" ", 1)[0]
+        if command in ("/image", "/video"):
+            kind = command[1:]
+            path = line[len(command) :].strip().strip("'\"")  # a dragged-in path may come quoted
             if not path:
-                say("error: give the image's path: /image PATH")
+                say(f"error: give the {kind}'s path: {command} PATH")
                 continue
             try:
-                pending.append(load_image(path))
+                pending.append((kind, load_image(path) if kind == "image" else read_frames(path)))
             except VlmkitError as e:
                 say(f"error: {e}")
                 continue
-            say(f"(image {path} attached to your next message)")
+            say(f"({kind} {path} attached to your next message)")
             continue
         if line.startswith("/"):
             say(f"error: unknown command {line.split()[0]}; {HELP}")
             continue
 
-        message = {"role": "user", "content": [{"type": "image"} for _ in pending] + [{"type": "text", "text": line}]}
+        message = {"role": "user", "content": [{"type": kind} for kind, _ in pending] + [{"type": "text", "text": line}]}
         pieces: list[str] = []
         say("assistant> ", end="")
         try:
-            for piece in engine.stream(head + history + [message], images + pending, max_new_tokens=max_new_tokens):
+            media = images + [m for _, m in pending]
+            for piece in engine.stream(head + history + [message], media, max_new_tokens=max_new_tokens):
                 pieces.append(piece)
                 say(piece, end="")
         except VlmkitError as e:  # e.g. the conversation outgrew the model; the turn is dropped
@@ -79,4 +84,4 @@ def chat_loop(
             continue
         say()
         history += [message, {"role": "assistant", "content": [{"type": "text", "text": "".join(pieces).strip()}]}]
-        images, pending = images + pending, []
+        images, pending = images + [m for _, m in pending], []
