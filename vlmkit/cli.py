@@ -50,6 +50,11 @@ def cmd_train(args) -> None:
     if args.resume and args.output and os.path.isfile(os.path.join(args.output, "config.yaml")) and not args.config:
         args.config = os.path.join(args.output, "config.yaml")  # resume with the run's own config
     cfg = load_config(args.config, args.overrides, **fixed)
+    if args.dry_run:
+        from vlmkit.train.loop import plan_run
+
+        print(plan_run(cfg))
+        return
     from vlmkit.train.loop import train  # heavy (torch, transformers): after the config is known to be good
 
     summary = train(cfg, resume=args.resume)
@@ -222,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", help="held-out data for eval loss")
     p.add_argument("--output", help="run folder (default runs/train)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="load the model, print parameter counts and a peak-memory "
+                   "estimate for this method, batch and max_length, and stop (nothing is written)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=cmd_train)
 

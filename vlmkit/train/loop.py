@@ -30,6 +30,7 @@ from vlmkit.data.collate import collate, tokenize_samples
 from vlmkit.data.images import load_image
 from vlmkit.data.schema import load_samples
 from vlmkit.errors import VlmkitError
+from vlmkit.infer.families import family_of
 from vlmkit.train.checkpoint import load_checkpoint, save_checkpoint, save_model_atomic
 
 CHECKPOINT = "checkpoint"
@@ -61,11 +62,15 @@ def _cpu_has_bf16() -> bool:
 
 
 def build_model(cfg: TrainConfig):
-    """(model, processor) to train: a saved vlmkit model, or a new composition."""
-    from vlmkit.model.build import compose, load_model
+    """(model, processor) to train: a saved vlmkit model, a pretrained VLM, or a new composition."""
+    from vlmkit.model.build import compose, is_vlmkit_dir, load_model
 
     if cfg.model:
-        return load_model(cfg.model)
+        if is_vlmkit_dir(cfg.model):
+            return load_model(cfg.model)
+        from vlmkit.model.pretrained import load_pretrained
+
+        return load_pretrained(cfg.model, dtype=torch.float32)
     return compose(
         vision=cfg.vision,
         llm=cfg.llm,
@@ -77,20 +82,41 @@ def build_model(cfg: TrainConfig):
     )
 
 
+def plan_run(cfg: TrainConfig) -> str:
+    """`vlmkit train --dry-run`: what the run would train and an estimate of its peak memory."""
+    from vlmkit.train.plan import estimate
+
+    model, _ = build_model(cfg)
+    device = resolve_device()
+    method = "align" if cfg.stage == "align" else ("lora" if cfg.method == "dpo" and cfg.uses_lora else cfg.method)
+    method = "full" if method == "dpo" else method
+    batch = cfg.batch_size * (2 if cfg.method == "dpo" else 1)  # DPO scores chosen and rejected together
+    plan = estimate(
+        model, method, batch, cfg.max_length, use_bf16(cfg, device), cfg.gradient_checkpointing,
+        lora_r=cfg.lora_r or 16, trainable_groups=("vision_tower",) if cfg.train_vision else (),
+    )
+    return plan.table() + f"\n(batch {cfg.batch_size}, max_length {cfg.max_length}; device {device})"
+
+
 def set_trainable(model, cfg: TrainConfig) -> list[dict]:
     """Freeze/unfreeze by stage; returns the optimizer's parameter groups (one lr per part)."""
+    from vlmkit.model.parts import part_parameters
+
     model.requires_grad_(False)
-    groups = [{"params": list(model.projector.parameters()), "lr": cfg.projector_lr, "name": "projector"}]
+    parts = part_parameters(model)
+    if not parts["projector"]:
+        raise VlmkitError(f"{type(model).__name__}: no projector module found to train")
+    groups = [{"params": parts["projector"], "lr": cfg.projector_lr, "name": "projector"}]
     if cfg.train_vision:
-        groups.append({"params": list(model.vision_tower.parameters()), "lr": cfg.vision_lr, "name": "vision"})
+        groups.append({"params": parts["vision"], "lr": cfg.vision_lr, "name": "vision"})
     if cfg.stage == "sft":
-        if cfg.lora_r > 0:
+        if cfg.uses_lora:
             from vlmkit.train.lora import add_lora
 
             lora_params = add_lora(model, cfg)
             groups.append({"params": lora_params, "lr": cfg.lr, "name": "lora"})
         else:
-            groups.append({"params": list(model.language_model.parameters()), "lr": cfg.lr, "name": "llm"})
+            groups.append({"params": parts["language"], "lr": cfg.lr, "name": "llm"})
     for group in groups:
         for p in group["params"]:
             p.requires_grad_(True)
@@ -99,9 +125,12 @@ def set_trainable(model, cfg: TrainConfig) -> list[dict]:
 
 def train_mode(model, cfg: TrainConfig) -> None:
     """Training mode, except a frozen tower stays in eval mode (its BatchNorm statistics must not move)."""
+    from vlmkit.model.parts import find_part
+
     model.train()
-    if not cfg.train_vision:
-        model.vision_tower.eval()
+    tower = find_part(model, "vision")
+    if not cfg.train_vision and tower is not None:
+        tower[1].eval()
 
 
 def cosine_schedule(optimizer, total_steps: int, warmup: int, min_ratio: float):
@@ -161,14 +190,15 @@ def batches_from(examples, batch_size: int, seed: int, start: int):
 
 
 @torch.no_grad()
-def eval_loss(model, examples, pad_id, images, batch_size, bf16, device) -> float:
+def eval_loss(model, examples, make_batch, batch_size, bf16, device) -> float:
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id, images)
+        batch = make_batch(examples[i : i + batch_size])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
+            logits = model(**inputs).logits.float()
         labels = batch["labels"].to(device)
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
@@ -221,17 +251,37 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     eval_samples = load_samples(cfg.eval_data) if cfg.eval_data else []
     log(f"loading the model ({cfg.model or f'{cfg.vision} + {cfg.llm}'})")
     model, processor = built or build_model(cfg)
+    family = family_of(getattr(model.config, "model_type", ""))
+    own = family.name == "vlmkit"  # vlmkit's composition: its own render, cached features
     groups = set_trainable(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
     model.to(device)
-    examples, skipped = tokenize_samples(samples, processor, cfg.max_length, cfg.skip_too_long)
-    eval_examples, eval_skipped = tokenize_samples(eval_samples, processor, cfg.max_length, cfg.skip_too_long)
+    if own:
+        tokenize = tokenize_samples
+    else:
+        from vlmkit.data.template import collate_with_template, tokenize_with_template
+
+        def tokenize(s, p, n, skip):
+            return tokenize_with_template(s, p, family, n, skip)
+
+    examples, skipped = tokenize(samples, processor, cfg.max_length, cfg.skip_too_long)
+    eval_examples, eval_skipped = tokenize(eval_samples, processor, cfg.max_length, cfg.skip_too_long)
     if not examples:
         raise VlmkitError(f"{cfg.data}: no trainable samples")
     pad_id = processor.tokenizer.pad_token_id
 
-    cache = cfg.cache_features and not cfg.train_vision
+    cache = own and cfg.cache_features and not cfg.train_vision
     images = ImageSource(model, processor, device, cache)
     images.warm([p for e in examples + eval_examples for p in e.images], "caching image features")
+
+    def make_batch(chunk):
+        if own:
+            return collate(chunk, pad_id, images)
+        return collate_with_template(chunk, processor, family)
+
     if cache and cfg.standardize_features and not cfg.model:
         train_paths = list(dict.fromkeys(p for e in examples for p in e.images))
         model.set_feature_stats(torch.stack([images.cache[p] for p in train_paths]))
@@ -253,7 +303,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
 
     writer = SummaryWriter(str(out / "logs"))
     log(
-        f"training {n_trainable:,} of {n_total:,} parameters ({cfg.stage}{', LoRA' if cfg.lora_r else ''}), "
+        f"training {n_trainable:,} of {n_total:,} parameters ({cfg.stage}, {cfg.method}), "
         f"{len(examples)} samples, {total_steps} steps of {per_step}, {'bf16' if bf16 else 'fp32'} on {device}"
     )
     batches = batches_from(examples, cfg.batch_size, cfg.seed, step * cfg.grad_accum)
@@ -263,8 +313,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     while step < total_steps:
         loss_sum = 0.0
         for _ in range(cfg.grad_accum):
-            batch = collate(next(batches), pad_id, images)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = make_batch(next(batches))
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(**batch).loss / cfg.grad_accum
             loss.backward()
@@ -276,7 +326,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         step += 1
         record = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[-1], "grad_norm": float(grad_norm)}
         if eval_examples and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            record["eval_loss"] = eval_loss(model, eval_examples, pad_id, images, cfg.batch_size, bf16, device)
+            record["eval_loss"] = eval_loss(model, eval_examples, make_batch, cfg.batch_size, bf16, device)
         history.append(record)
         for key in ("loss", "lr", "grad_norm", "eval_loss"):
             if key in record:
@@ -294,12 +344,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
 
     final_eval = None
     if eval_examples:
-        final_eval = eval_loss(model, eval_examples, pad_id, images, cfg.batch_size, bf16, device)
+        final_eval = eval_loss(model, eval_examples, make_batch, cfg.batch_size, bf16, device)
         history[-1]["eval_loss"] = final_eval
         writer.add_scalar("eval/loss", final_eval, step)
     writer.close()
 
-    if cfg.lora_r > 0:
+    if cfg.uses_lora:
         from vlmkit.train.lora import merge_lora
 
         merge_lora(model)

@@ -27,14 +27,24 @@ def add_lora(model, cfg) -> list[nn.Parameter]:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise VlmkitError("LoRA needs peft: pip install 'vlmkit[lora]'") from None
+    lm = language_model(model)
     config = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=lm_target_modules(model.language_model),
+        target_modules=lm_target_modules(lm),
     )
-    inject_adapter_in_model(config, model.language_model)
-    return [p for n, p in model.language_model.named_parameters() if "lora_" in n]
+    inject_adapter_in_model(config, lm)
+    return [p for n, p in lm.named_parameters() if "lora_" in n]
+
+
+def language_model(model) -> nn.Module:
+    from vlmkit.model.parts import find_part
+
+    found = find_part(model, "language")
+    if found is None:
+        raise VlmkitError(f"LoRA: no language model module found in {type(model).__name__}")
+    return found[1]
 
 
 def merge_lora(model) -> None:
@@ -49,4 +59,4 @@ def merge_lora(model) -> None:
             else:
                 replace(child)
 
-    replace(model.language_model)
+    replace(model)

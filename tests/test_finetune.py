@@ -1,0 +1,146 @@
+"""Fine-tuning pretrained VLMs (model=M): every family, full and LoRA, exact loss masks, gradient
+checkpointing, resume, and the --dry-run memory plan."""
+
+import json
+import re
+
+import pytest
+import torch
+
+import vlmkit
+from tiny_vlms import FAMILIES, make_vlm
+from vlmkit.cli import main
+from vlmkit.config import load_config
+from vlmkit.data.processor import IGNORE_INDEX
+from vlmkit.data.template import TemplateRenderer
+from vlmkit.errors import VlmkitError
+from vlmkit.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlms")
+    return {family: str(make_vlm(family, root / family)) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Multi-turn shapes data, and a single-turn set (PaliGemma trains on one question per image)."""
+    from vlmkit.data.shapes import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    multi = make_shapes_dataset(root, "multi", 8, seed=0, questions_per_image=2)
+    single = make_shapes_dataset(root, "single", 8, seed=0, questions_per_image=1, captions=False)
+    return {"multi": multi, "single": single}
+
+
+def _cfg(folder, data_file, out, *extra):
+    overrides = [f"model={folder}", "max_steps=6", "batch_size=4", "lr=3e-3", "projector_lr=3e-3", "save_every=0", *extra]
+    return load_config(None, overrides, data=str(data_file), output=str(out))
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_trains_saves_and_reloads(folders, data, tmp_path, family, method):
+    data_file = data["single" if family == "paligemma" else "multi"]
+    out = tmp_path / "run"
+    # tiny adapters on a random model need big and more steps
+    extra = ["lr=3e-2", "max_steps=16"] if method == "lora" else ["lr=3e-3", "max_steps=8"]
+    summary = train(_cfg(folders[family], data_file, out, f"method={method}", *extra))
+    losses = _losses(out)
+    # the two batches alternate, so compare the same pair of batches at the start and at the end
+    assert sum(losses[-2:]) < sum(losses[:2]) * (0.9 if method == "full" else 0.99), losses
+    # the saved folder is a plain transformers checkpoint of the same family (LoRA merged in)
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["model_type"] == json.loads(open(f"{folders[family]}/config.json").read())["model_type"]
+    vlm = vlmkit.load(summary["model"], device="cpu")
+    assert not any("lora" in n for n, _ in vlm.model.named_parameters())
+    base_model = vlmkit.load(folders[family], device="cpu").model
+    trained, base = vlm.model.state_dict(), base_model.state_dict()
+    attention = [k for k in base if k.endswith("q_proj.weight") and "vision" not in k and "visual" not in k]
+    assert attention and all(not torch.equal(trained[k], base[k]) for k in attention)  # the LM itself moved
+    vision = [k for k in base if ("vision" in k or "visual" in k) and "merger" not in k]
+    assert vision and all(torch.equal(trained[k], base[k]) for k in vision)  # the frozen tower did not
+    from vlmkit.data.schema import load_samples
+
+    sample = load_samples(data_file)[0]
+    messages = [sample.messages[0]]
+    reply = vlm.generate(messages, [sample.images[0]], max_new_tokens=4)
+    base = vlmkit.load(folders[family], device="cpu").generate(messages, [sample.images[0]], max_new_tokens=4)
+    assert isinstance(reply, str) and (reply != base or method == "lora")
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "qwen2_vl", "llava_next"])
+def test_labels_are_exactly_the_assistant_turns(folders, data, family):
+    from transformers import AutoProcessor
+
+    from vlmkit.data.schema import load_samples
+    from vlmkit.infer.families import family_of
+
+    processor = AutoProcessor.from_pretrained(folders[family])
+    model_type = json.loads(open(f"{folders[family]}/config.json").read())["model_type"]
+    sample = load_samples(data["multi"])[0]
+    example = TemplateRenderer(processor, family_of(model_type)).render(sample.messages, list(sample.images), sample.where)
+    trained = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    assert all(label in (IGNORE_INDEX, t) for t, label in zip(example.input_ids, example.labels))
+    text = processor.tokenizer.decode(trained)
+    answers = [p["text"] for m in sample.messages if m["role"] == "assistant" for p in m["content"] if p["type"] == "text"]
+    questions = [p["text"] for m in sample.messages if m["role"] == "user" for p in m["content"] if p["type"] == "text"]
+    for answer in answers:
+        assert answer in text
+    assert not any(q in text for q in questions)
+    # every trained span starts right after the generation prompt: nothing of the answer is left untrained
+    assert len(trained) >= sum(len(processor.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(folders, data, tmp_path):
+    from vlmkit.data.schema import load_samples
+    from vlmkit.data.template import collate_with_template, tokenize_with_template
+    from vlmkit.infer.families import family_of
+    from vlmkit.model.pretrained import load_pretrained
+
+    grads = []
+    for checkpointing in (False, True):
+        model, processor = load_pretrained(folders["qwen2_vl"])
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        examples, _ = tokenize_with_template(load_samples(data["multi"])[:2], processor, family_of("qwen2_vl"), 512)
+        loss = model(**collate_with_template(examples, processor, family_of("qwen2_vl"))).loss
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_lora_resume_of_a_pretrained_model_is_exact(folders, data, tmp_path):
+    whole = train(_cfg(folders["llava"], data["multi"], tmp_path / "a", "method=lora", "max_steps=6"))
+    cut = _cfg(folders["llava"], data["multi"], tmp_path / "b", "method=lora", "max_steps=6")
+    assert train(cut, stop_after=3) == {"stopped_at": 3}
+    resumed = train(cut, resume=True)
+    a = vlmkit.load(whole["model"], device="cpu").model.state_dict()
+    b = vlmkit.load(resumed["model"], device="cpu").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_paligemma_refuses_multi_turn_data_clearly(folders, data, tmp_path):
+    with pytest.raises(VlmkitError, match="multi.jsonl:1: paligemma models train on one user turn"):
+        train(_cfg(folders["paligemma"], data["multi"], tmp_path / "run"))
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(folders, tmp_path, capfd):
+    out = tmp_path / "run"
+    code = main(["train", "--dry-run", "--output", str(out), f"model={folders['qwen2_vl']}", "method=lora", "batch_size=4"])
+    printed, err = capfd.readouterr()
+    assert code == 0, err
+    assert "plan: lora (r=16), batch 4 x 512 tokens" in printed and "LoRA on:" in printed and "total" in printed
+    assert not out.exists()
+    model = vlmkit.load(folders["qwen2_vl"], device="cpu").model
+    lm = model.model.language_model
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    adapters = sum(16 * (m.in_features + m.out_features) for n, m in lm.named_modules() if n.rsplit(".", 1)[-1] in targets)
+    total = sum(p.numel() for p in model.parameters()) + adapters
+    assert re.search(rf"^total\s+{total / 1e3:.2f}K\s", printed, re.M), printed
