@@ -144,3 +144,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(folders, tmp_path, capfd):
     adapters = sum(16 * (m.in_features + m.out_features) for n, m in lm.named_modules() if n.rsplit(".", 1)[-1] in targets)
     total = sum(p.numel() for p in model.parameters()) + adapters
     assert re.search(rf"^total\s+{total / 1e3:.2f}K\s", printed, re.M), printed
+
+
+@pytest.mark.parametrize("method", ["qlora", "dpo"])
+def test_methods_not_yet_in_the_loop_say_so(folders, data, tmp_path, method):
+    with pytest.raises(VlmkitError, match=f"method={method} is not available"):
+        train(_cfg(folders["llava"], data["multi"], tmp_path / "run", f"method={method}"))
+    assert not (tmp_path / "run" / "checkpoint").exists()

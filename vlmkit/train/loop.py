@@ -233,6 +233,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     out = Path(cfg.output)
     if not cfg.data:
         raise VlmkitError("no training data: pass --data FILE.jsonl (see `vlmkit data check --help` for the format)")
+    if cfg.method in ("qlora", "dpo"):  # config accepts them; the loop does not run them yet
+        raise VlmkitError(
+            f"method={cfg.method} is not available in `vlmkit train` yet (use method=lora or method=full); "
+            "`--dry-run` already estimates its memory"
+        )
     if resume:
         if not (out / CHECKPOINT).is_dir():
             raise VlmkitError(f"--resume: no checkpoint in {out}/{CHECKPOINT}; start without --resume")
