@@ -2,7 +2,11 @@
 checkpointing, resume, and the --dry-run memory plan."""
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,8 +59,9 @@ def test_each_family_trains_saves_and_reloads(folders, data, tmp_path, family, m
     # the two batches alternate, so compare the same pair of batches at the start and at the end
     assert sum(losses[-2:]) < sum(losses[:2]) * (0.9 if method == "full" else 0.99), losses
     # the saved folder is a plain transformers checkpoint of the same family (LoRA merged in)
-    config = json.loads((out / "model" / "config.json").read_text())
-    assert config["model_type"] == json.loads(open(f"{folders[family]}/config.json").read())["model_type"]
+    # full: a plain transformers checkpoint of the same family; LoRA: an adapter on the base (merged on load)
+    saved = out / "model" / ("config.json" if method == "full" else "vlmkit_adapter.json")
+    assert json.loads(saved.read_text())["model_type"] == json.loads(open(f"{folders[family]}/config.json").read())["model_type"]
     vlm = vlmkit.load(summary["model"], device="cpu")
     assert not any("lora" in n for n, _ in vlm.model.named_parameters())
     base_model = vlmkit.load(folders[family], device="cpu").model
@@ -151,3 +156,43 @@ def test_methods_not_yet_in_the_loop_say_so(folders, data, tmp_path, method):
     with pytest.raises(VlmkitError, match=f"method={method} is not available"):
         train(_cfg(folders["llava"], data["multi"], tmp_path / "run", f"method={method}"))
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_lora_run_saves_a_small_adapter_that_loads_and_merges(folders, data, tmp_path, capfd):
+    out = tmp_path / "run"
+    summary = train(_cfg(folders["qwen2_vl"], data["multi"], out, "method=lora", "lr=3e-2"))
+    adapter = out / "model"
+    assert (adapter / "vlmkit_adapter.json").is_file() and not (adapter / "model.safetensors").exists()
+    base_bytes = (Path(folders["qwen2_vl"]) / "model.safetensors").stat().st_size
+    assert (adapter / "adapter.safetensors").stat().st_size < base_bytes
+
+    from vlmkit.data.schema import load_samples
+
+    sample = load_samples(data["multi"])[1]
+    messages, image = [sample.messages[0]], sample.images[0]
+    via_adapter = vlmkit.load(summary["model"], device="cpu").generate(messages, [image], max_new_tokens=6)
+
+    merged = tmp_path / "merged"
+    code = main(["merge", str(out), str(merged)])
+    printed, err = capfd.readouterr()
+    assert code == 0, err
+    assert printed.strip() == str(merged)
+    assert vlmkit.load(str(merged), device="cpu").generate(messages, [image], max_new_tokens=6) == via_adapter
+
+    # plain transformers, with peft made unimportable, loads the merged folder and gives the same reply
+    script = (
+        "import sys; sys.modules['peft'] = None\n"
+        "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
+        f"m = AutoModelForImageTextToText.from_pretrained({str(merged)!r}); p = AutoProcessor.from_pretrained({str(merged)!r})\n"
+        "print(type(m).__name__, p.chat_template is not None, (m.generation_config.eos_token_id is not None))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["Qwen2VLForConditionalGeneration", "True", "True"]
+
+
+def test_merge_refuses_a_folder_that_is_not_an_adapter(folders, capfd):
+    code = main(["merge", folders["llava"], "/tmp/never-written"])
+    _, err = capfd.readouterr()
+    assert code == 2 and "not a LoRA adapter folder" in err
+    assert not Path("/tmp/never-written").exists()

@@ -188,6 +188,12 @@ def cmd_inspect(args) -> None:
     print(inspect_model(args.model, image=args.image, prompt=args.prompt))
 
 
+def cmd_merge(args) -> None:
+    from vlmkit.train.adapter import merge_to_folder
+
+    print(merge_to_folder(args.adapter, args.out))
+
+
 def cmd_export(args) -> None:
     from vlmkit.model.export import export_llava
 
@@ -302,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="show how this image becomes tokens")
     p.add_argument("--prompt", default="What is in the image?")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("merge", help="merge a LoRA run's adapter into its base: a standalone transformers model",
+                       description="Load the base model of a `vlmkit train model=... method=lora` run, merge the adapter "
+                       "into it and save a complete model (weights, config, processor, chat template, generation config) "
+                       "that plain transformers loads without peft.")
+    p.add_argument("adapter", help="the run folder (or its model/ adapter folder)")
+    p.add_argument("out", help="folder to write the merged model to")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="write a standard transformers Llava checkpoint (CLIP/SigLIP towers)")
     p.add_argument("model")

@@ -82,29 +82,11 @@ def read_samples(
     if image_root is not None and not base_dir.is_dir():
         return [], [f"{src}: image root {base_dir} is not a folder; check the image root path"]
 
-    problems: list[str] = []
-    samples: list[Sample] = []
-    seen: dict[Path, str | None] = {}  # image path -> problem, so a shared image is checked once
-    n_rows = 0
-    for line, obj, problem in _rows(path):
-        if problem is not None:
-            problems.append(problem)
-            continue
-        n_rows += 1
-        where = f"{src}:{line}"
-        report = _Reporter(where)
-        parsed = _parse_row(obj, base_dir, report, require_assistant=require_assistant)
-        if parsed is not None:
-            for field, image in parsed[1]:
-                if image not in seen:
-                    seen[image] = _image_problem(image, base_dir, check_images)
-                if seen[image] is not None:
-                    report(field, seen[image])
-        if report.problems:
-            problems.extend(report.problems)
-        elif parsed is not None:
-            messages, fields_images = parsed
-            samples.append(Sample(messages, tuple(p for _, p in fields_images), src, line))
+    def parse(obj, base, report):
+        return _parse_row(obj, base, report, require_assistant=require_assistant)
+
+    rows, problems, n_rows = parse_rows(path, base_dir, parse, check_images)
+    samples = [Sample(messages, images, src, line) for line, messages, images in rows]
     if n_rows == 0 and not problems:
         problems.append(f"{src}: no samples (the file is empty); add one conversation per line")
     return samples, problems
@@ -143,6 +125,35 @@ def parse_messages(
 
 
 # ---------------------------------------------------------------------------------------- reading rows
+
+
+def parse_rows(path: Path, base_dir: Path, parse, check_images: bool):
+    """Run `parse(obj, base_dir, report)` on every row of a data file and check the images it names.
+
+    `parse` returns (value, [(field, image path)]) or None after reporting problems. Each image is
+    checked once however many rows share it. Returns ([(line, value, image paths)], problems, rows read).
+    """
+    src = str(path)
+    out, problems, n_rows = [], [], 0
+    seen: dict[Path, str | None] = {}  # image path -> problem
+    for line, obj, problem in _rows(path):
+        if problem is not None:
+            problems.append(problem)
+            continue
+        n_rows += 1
+        report = _Reporter(f"{src}:{line}")
+        parsed = parse(obj, base_dir, report)
+        if parsed is not None:
+            for field, image in parsed[1]:
+                if image not in seen:
+                    seen[image] = _image_problem(image, base_dir, check_images)
+                if seen[image] is not None:
+                    report(field, seen[image])
+        if report.problems:
+            problems.extend(report.problems)
+        elif parsed is not None:
+            out.append((line, parsed[0], tuple(p for _, p in parsed[1])))
+    return out, problems, n_rows
 
 
 def _rows(path: Path):

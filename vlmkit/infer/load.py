@@ -68,13 +68,18 @@ def default_device() -> str:
 
 
 def load(name: str, device: str | None = None, dtype: torch.dtype | None = None) -> VLM:
-    """Load a model by folder or hub id; the device defaults to CUDA when available."""
+    """Load a model by folder (a vlmkit run, a LoRA adapter run, a transformers VLM) or hub id; the device
+    defaults to CUDA when available."""
     from vlmkit.model.build import is_vlmkit_dir, load_model
     from vlmkit.model.pretrained import load_pretrained
 
     device = device or default_device()
+    from vlmkit.train.adapter import is_adapter_dir, load_adapter
+
     if is_vlmkit_dir(name):
         model, processor = load_model(name, dtype=dtype or torch.float32, device=device)
+    elif is_adapter_dir(name):  # a LoRA run of a pretrained model: base + adapter, merged
+        model, processor = load_adapter(name, device=device, dtype=dtype)
     else:
         model, processor = load_pretrained(str(name), dtype=dtype, device=device)
     return VLM(model, processor, name=str(Path(name)))

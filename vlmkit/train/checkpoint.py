@@ -54,12 +54,23 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, restore_rng) -> t
 
 def save_model_atomic(model, processor, folder: Path) -> None:
     """save_pretrained into a temporary folder, then swap it into place."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    write_folder_atomic(folder, write)
+
+
+def write_folder_atomic(folder: Path, write) -> None:
+    """`write(tmp)` fills a fresh temporary folder, which then replaces `folder` in one rename: a crash
+    leaves either the old folder or the new one, never a half-written one."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
     old = folder.with_name(f".{folder.name}.old")
     if folder.exists():
         if old.exists():

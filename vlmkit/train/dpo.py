@@ -38,12 +38,11 @@ from vlmkit.data.collate import Example, collate
 from vlmkit.data.processor import IGNORE_INDEX
 from vlmkit.data.schema import (
     _MISSING,
-    _image_problem,
     _kind,
     _listed_images,
     _parse_chat,
     _Reporter,
-    _rows,
+    parse_rows,
 )
 from vlmkit.errors import VlmkitError
 
@@ -117,28 +116,12 @@ def read_preferences(
         return [], [f"{src}: unsupported extension {path.suffix or '(none)'!r}; use .jsonl with one pair a line"]
     base_dir = Path(os.path.abspath(Path(image_root).expanduser() if image_root else path.parent))
 
-    samples: list[PreferenceSample] = []
-    problems: list[str] = []
-    seen: dict[Path, str | None] = {}  # an image shared by many rows is checked once
-    n_rows = 0
-    for line, obj, problem in _rows(path):
-        if problem is not None:
-            problems.append(problem)
-            continue
-        n_rows += 1
-        report = _Reporter(f"{src}:{line}")
-        parsed = _parse_pair(obj, base_dir, report)
-        if parsed is not None:
-            for field, image in parsed[3]:
-                if image not in seen:
-                    seen[image] = _image_problem(image, base_dir, check_images)
-                if seen[image] is not None:
-                    report(field, seen[image])
-        if report.problems:
-            problems.extend(report.problems)
-        elif parsed is not None:
-            prompt, chosen, rejected, fields_images = parsed
-            samples.append(PreferenceSample(prompt, chosen, rejected, tuple(p for _, p in fields_images), src, line))
+    def parse(obj, base, report):
+        parsed = _parse_pair(obj, base, report)
+        return None if parsed is None else (parsed[:3], parsed[3])
+
+    rows, problems, n_rows = parse_rows(path, base_dir, parse, check_images)
+    samples = [PreferenceSample(*value, images, src, line) for line, value, images in rows]
     if n_rows == 0 and not problems:
         problems.append(f"{src}: no preference pairs (the file is empty); add one {{prompt, chosen, rejected}} a line")
     return samples, problems

@@ -66,8 +66,12 @@ def build_model(cfg: TrainConfig):
     from vlmkit.model.build import compose, is_vlmkit_dir, load_model
 
     if cfg.model:
+        from vlmkit.train.adapter import is_adapter_dir, load_adapter
+
         if is_vlmkit_dir(cfg.model):
             return load_model(cfg.model)
+        if is_adapter_dir(cfg.model):  # continue from a LoRA run: its adapter merged into the base
+            return load_adapter(cfg.model)
         from vlmkit.model.pretrained import load_pretrained
 
         return load_pretrained(cfg.model, dtype=torch.float32)
@@ -354,12 +358,17 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         writer.add_scalar("eval/loss", final_eval, step)
     writer.close()
 
-    if cfg.uses_lora:
-        from vlmkit.train.lora import merge_lora
+    if cfg.uses_lora and not own:  # a pretrained base: keep the adapter small, merge on load or with `vlmkit merge`
+        from vlmkit.train.adapter import save_adapter
 
-        merge_lora(model)
-    model.requires_grad_(False)
-    save_model_atomic(model, processor, out / MODEL)
+        save_adapter(model, processor, cfg, out / MODEL)
+    else:
+        if cfg.uses_lora:
+            from vlmkit.train.lora import merge_lora
+
+            merge_lora(model)
+        model.requires_grad_(False)
+        save_model_atomic(model, processor, out / MODEL)
     atomic_write_text(out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     plot_history(history, out / "loss.png")
     if (out / CHECKPOINT).exists():
