@@ -2,6 +2,7 @@
 checkpointing, resume, and the --dry-run memory plan."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -151,7 +152,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(folders, tmp_path, capfd):
     assert re.search(rf"^total\s+{total / 1e3:.2f}K\s", printed, re.M), printed
 
 
-@pytest.mark.parametrize("method", ["qlora", "dpo"])
+@pytest.mark.parametrize("method", ["qlora"])
 def test_methods_not_yet_in_the_loop_say_so(folders, data, tmp_path, method):
     with pytest.raises(VlmkitError, match=f"method={method} is not available"):
         train(_cfg(folders["llava"], data["multi"], tmp_path / "run", f"method={method}"))
@@ -196,3 +197,68 @@ def test_merge_refuses_a_folder_that_is_not_an_adapter(folders, capfd):
     _, err = capfd.readouterr()
     assert code == 2 and "not a LoRA adapter folder" in err
     assert not Path("/tmp/never-written").exists()
+
+
+# -- DPO ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def preferences(data, tmp_path_factory):
+    """Preference pairs from the shapes data: the right answer chosen, a wrong one rejected. The
+    conversational form for one file, TRL's plain form (strings + images) for the other."""
+    from vlmkit.data.schema import load_samples
+
+    root = tmp_path_factory.mktemp("prefs")
+    chat, plain = [], []
+    for sample in load_samples(data["single"]):
+        question = next(p["text"] for p in sample.messages[0]["content"] if p["type"] == "text")
+        answer = sample.messages[1]["content"][0]["text"]
+        wrong = "no" if answer == "yes" else "yes" if answer == "no" else "purple" if answer != "purple" else "red"
+        image = str(sample.images[0])
+        chat.append({"images": [image], "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                     "chosen": [{"role": "assistant", "content": answer}], "rejected": [{"role": "assistant", "content": wrong}]})
+        plain.append({"images": [image], "prompt": question, "chosen": answer, "rejected": wrong})
+    files = {}
+    for name, rows in (("chat", chat), ("plain", plain)):
+        files[name] = root / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return files
+
+
+def _dpo_history(out):
+    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+
+
+def test_dpo_full_on_a_composed_model(parts, preferences, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"vision={parts['clip']}", f"llm={parts['llama']}", "method=dpo", "beta=0.5", "max_steps=8",
+                             "batch_size=4", "lr=1e-3", "projector_lr=1e-3", "save_every=0", "warmup_ratio=0"],
+                      data=str(preferences["chat"]), output=str(out))
+    train(cfg)
+    history = _dpo_history(out)
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the policy starts as the reference
+    assert history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert history[-1]["rewards/margins"] > 0.5 and history[-1]["rewards/accuracy"] == 1.0
+    assert history[-1]["loss"] < 0.5 * math.log(2)
+    assert (out / "ref_logps.pt").is_file() and (out / "model" / "config.json").is_file()
+
+
+def test_dpo_lora_on_a_pretrained_model_resumes_exactly(folders, preferences, tmp_path):
+    args = [f"model={folders['qwen2_vl']}", "method=dpo", "lora_r=8", "beta=0.5", "max_steps=6", "batch_size=4",
+            "lr=3e-2", "projector_lr=3e-3", "save_every=0", "warmup_ratio=0"]
+    whole = train(load_config(None, args, data=str(preferences["plain"]), output=str(tmp_path / "a")))
+    history = _dpo_history(tmp_path / "a")
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert history[-1]["rewards/margins"] > history[0]["rewards/margins"] + 0.1
+    assert (tmp_path / "a" / "model" / "vlmkit_adapter.json").is_file()
+
+    cut = load_config(None, args, data=str(preferences["plain"]), output=str(tmp_path / "b"))
+    assert train(cut, stop_after=3) == {"stopped_at": 3}
+    resumed = train(cut, resume=True)
+    a = vlmkit.load(whole["model"], device="cpu").model.state_dict()
+    b = vlmkit.load(resumed["model"], device="cpu").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _dpo_history(tmp_path / "b")[-1]["loss"] == pytest.approx(history[-1]["loss"], abs=1e-6)
+
+
+def test_dpo_on_chat_data_says_what_it_expects(folders, data, tmp_path):
+    with pytest.raises(VlmkitError, match="field `prompt`: missing"):
+        train(_cfg(folders["llava"], data["multi"], tmp_path / "run", "method=dpo"))

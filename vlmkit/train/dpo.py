@@ -331,6 +331,8 @@ def concat_pairs(batch: dict, pad_id: int | None = None) -> tuple[dict, torch.Te
 
     The pairs' images are given once; both halves need them, in row order, so they are repeated.
     """
+    if "pair_inputs" in batch:  # already laid out as 2B rows (pretrained models' processors)
+        return batch["pair_inputs"], batch["pair_labels"]
     halves = [
         (batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"])
         for side in ("chosen", "rejected")
@@ -386,7 +388,7 @@ def dpo_step_loss(model, batch: dict, ref_model=None, beta: float = 0.1) -> tupl
     from `batch["ref_chosen_logps"]`/`batch["ref_rejected_logps"]` when precomputed, else from
     `reference_logps`. Metrics are `dpo_loss`'s plus the mean policy and reference log-probs.
     """
-    n = batch["chosen_input_ids"].shape[0]
+    n = batch["pair_labels"].shape[0] // 2 if "pair_labels" in batch else batch["chosen_input_ids"].shape[0]
     pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
     inputs, labels = concat_pairs(batch, pad_id)
     logps = policy_logps(model, inputs, labels)

@@ -26,9 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmkit.config import TrainConfig, atomic_write_text
-from vlmkit.data.collate import collate, tokenize_samples
 from vlmkit.data.images import load_image
-from vlmkit.data.schema import load_samples
 from vlmkit.errors import VlmkitError
 from vlmkit.infer.families import family_of
 from vlmkit.train.checkpoint import load_checkpoint, save_checkpoint, save_model_atomic
@@ -193,25 +191,16 @@ def batches_from(examples, batch_size: int, seed: int, start: int):
         index += 1
 
 
-@torch.no_grad()
-def eval_loss(model, examples, make_batch, batch_size, bf16, device) -> float:
+def run_eval(model, fn):
+    """`fn()` with the model in eval mode, every module's train/eval mode restored afterwards (a frozen
+    tower stays in eval mode)."""
     was_training = {m: m.training for m in model.modules()}
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = make_batch(examples[i : i + batch_size])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
-            logits = model(**inputs).logits.float()
-        labels = batch["labels"].to(device)
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
-        )
-        total += loss.item()
-        count += int((labels[:, 1:] != -100).sum())
-    for module, mode in was_training.items():
-        module.training = mode
-    return total / max(1, count)
+    try:
+        return fn()
+    finally:
+        for module, mode in was_training.items():
+            module.training = mode
 
 
 def capture_rng() -> dict:
@@ -237,7 +226,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     out = Path(cfg.output)
     if not cfg.data:
         raise VlmkitError("no training data: pass --data FILE.jsonl (see `vlmkit data check --help` for the format)")
-    if cfg.method in ("qlora", "dpo"):  # config accepts them; the loop does not run them yet
+    if cfg.method == "qlora":  # config accepts it; the loop does not run it yet
         raise VlmkitError(
             f"method={cfg.method} is not available in `vlmkit train` yet (use method=lora or method=full); "
             "`--dry-run` already estimates its memory"
@@ -256,8 +245,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    samples = load_samples(cfg.data)
-    eval_samples = load_samples(cfg.eval_data) if cfg.eval_data else []
+    from vlmkit.train.objectives import Dpo, Sft, objective_for
+
+    reader = Dpo if cfg.method == "dpo" else Sft
+    samples = reader.read(cfg.data)  # bad data fails here, before the model loads
+    eval_samples = reader.read(cfg.eval_data) if cfg.eval_data else []
     log(f"loading the model ({cfg.model or f'{cfg.vision} + {cfg.llm}'})")
     model, processor = built or build_model(cfg)
     family = family_of(getattr(model.config, "model_type", ""))
@@ -268,28 +260,21 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.to(device)
-    if own:
-        tokenize = tokenize_samples
-    else:
-        from vlmkit.data.template import collate_with_template, tokenize_with_template
-
-        def tokenize(s, p, n, skip):
-            return tokenize_with_template(s, p, family, n, skip)
-
-    examples, skipped = tokenize(samples, processor, cfg.max_length, cfg.skip_too_long)
-    eval_examples, eval_skipped = tokenize(eval_samples, processor, cfg.max_length, cfg.skip_too_long)
-    if not examples:
-        raise VlmkitError(f"{cfg.data}: no trainable samples")
-    pad_id = processor.tokenizer.pad_token_id
-
     cache = own and cfg.cache_features and not cfg.train_vision
     images = ImageSource(model, processor, device, cache)
+    objective = objective_for(cfg, processor, family, images)
+    examples, skipped = objective.tokenize(samples)
+    eval_examples, eval_skipped = objective.tokenize(eval_samples)
+    if not examples:
+        raise VlmkitError(f"{cfg.data}: no trainable samples")
     images.warm([p for e in examples + eval_examples for p in e.images], "caching image features")
 
-    def make_batch(chunk):
-        if own:
-            return collate(chunk, pad_id, images)
-        return collate_with_template(chunk, processor, family)
+    def to_device(batch: dict) -> dict:
+        return {k: to_device(v) if isinstance(v, dict) else v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def evaluate() -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return run_eval(model, lambda: objective.eval(model, eval_examples, cfg.batch_size, to_device))
 
     if cache and cfg.standardize_features and not cfg.model:
         train_paths = list(dict.fromkeys(p for e in examples for p in e.images))
@@ -303,6 +288,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     n_trainable = sum(p.numel() for p in trainable.values())
     n_total = sum(p.numel() for p in model.parameters())
 
+    objective.prepare(model, examples, out, to_device)  # DPO: the starting model's reference log-probs
     step, history = 0, []
     if resume:
         step, history = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, restore_rng)
@@ -320,26 +306,28 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     start = time.time()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", file=sys.stderr)
     while step < total_steps:
-        loss_sum = 0.0
+        loss_sum, metrics = 0.0, {}
         for _ in range(cfg.grad_accum):
-            batch = make_batch(next(batches))
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(objective.batch(next(batches)))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = model(**batch).loss / cfg.grad_accum
+                loss, parts = objective.loss(model, batch)
+                loss = loss / cfg.grad_accum
             loss.backward()
             loss_sum += loss.item()
+            for key, value in parts.items():
+                metrics[key] = metrics.get(key, 0.0) + value / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        record = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[-1], "grad_norm": float(grad_norm)}
+        record = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[-1], "grad_norm": float(grad_norm), **metrics}
         if eval_examples and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            record["eval_loss"] = eval_loss(model, eval_examples, make_batch, cfg.batch_size, bf16, device)
+            record["eval_loss"] = evaluate()
         history.append(record)
-        for key in ("loss", "lr", "grad_norm", "eval_loss"):
-            if key in record:
-                writer.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", record[key], step)
+        for key, value in record.items():
+            if key != "step":
+                writer.add_scalar("eval/loss" if key == "eval_loss" else f"train/{key}", value, step)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
@@ -353,7 +341,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
 
     final_eval = None
     if eval_examples:
-        final_eval = eval_loss(model, eval_examples, make_batch, cfg.batch_size, bf16, device)
+        final_eval = evaluate()
         history[-1]["eval_loss"] = final_eval
         writer.add_scalar("eval/loss", final_eval, step)
     writer.close()
