@@ -152,11 +152,35 @@ def test_dry_run_prints_the_plan_and_writes_nothing(folders, tmp_path, capfd):
     assert re.search(rf"^total\s+{total / 1e3:.2f}K\s", printed, re.M), printed
 
 
-@pytest.mark.parametrize("method", ["qlora"])
-def test_methods_not_yet_in_the_loop_say_so(folders, data, tmp_path, method):
-    with pytest.raises(VlmkitError, match=f"method={method} is not available"):
-        train(_cfg(folders["llava"], data["multi"], tmp_path / "run", f"method={method}"))
-    assert not (tmp_path / "run" / "checkpoint").exists()
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_qlora_trains_a_pretrained_model(folders, data, tmp_path, family):
+    from vlmkit.model.quantize import qlora_available
+
+    if qlora_available() is not None:
+        pytest.skip(qlora_available())
+    out = tmp_path / "run"
+    summary = train(_cfg(folders[family], data["multi"], out, "method=qlora", "lr=3e-2", "max_steps=12", "gradient_checkpointing=true"))
+    losses = _losses(out)
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    assert (out / "model" / "vlmkit_adapter.json").is_file()
+    vlm = vlmkit.load(summary["model"], device="cpu")  # the adapter merged into the full-precision base
+    assert isinstance(vlm.generate([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}],
+                                   [data["multi"].parent / "images" / "multi_00000.png"], max_new_tokens=3), str)
+
+
+def test_qlora_of_a_composed_model_saves_a_dequantized_merge(parts, shapes, tmp_path):
+    from vlmkit.model.quantize import qlora_available
+
+    if qlora_available() is not None:
+        pytest.skip(qlora_available())
+    train_file, _ = shapes
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"vision={parts['clip']}", f"llm={parts['llama']}", "method=qlora", "max_steps=6", "batch_size=4",
+                             "lr=3e-2", "save_every=0"], data=str(train_file), output=str(out))
+    summary = train(cfg)
+    model = vlmkit.load(summary["model"], device="cpu").model
+    assert not any("lora" in n or "absmax" in n for n in model.state_dict())
+    assert "quantization_config" not in json.loads((out / "model" / "config.json").read_text())
 
 
 def test_lora_run_saves_a_small_adapter_that_loads_and_merges(folders, data, tmp_path, capfd):
