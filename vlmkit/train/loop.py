@@ -235,6 +235,16 @@ def restore_rng(state: dict) -> None:
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, built=None) -> dict:
     """Train per `cfg`; returns a summary dict. `stop_after` ends early (tests of resume use it);
     `built` is an already composed (model, processor) to train instead of building one from `cfg`."""
+    from vlmkit.train.distributed import setup
+
+    dist = setup()  # one process, or this rank of a torchrun / accelerate launch
+    try:
+        return _train(cfg, dist, resume, stop_after, built)
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) -> dict:
     out = Path(cfg.output)
     if not cfg.data:
         raise VlmkitError("no training data: pass --data FILE.jsonl (see `vlmkit data check --help` for the format)")
@@ -243,10 +253,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
             raise VlmkitError(f"--resume: no checkpoint in {out}/{CHECKPOINT}; start without --resume")
     elif (out / CHECKPOINT).exists():
         raise VlmkitError(f"{out} already holds a run; pass --resume to continue it or choose another --output")
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
+    dist.barrier()  # every rank has looked for a checkpoint before rank 0 writes anything
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+    say = log if dist.main else (lambda msg: None)
 
-    device = resolve_device()
+    device = dist.device()
     bf16 = use_bf16(cfg, device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -257,7 +270,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     reader = Dpo if cfg.method == "dpo" else Sft
     samples = reader.read(cfg.data)  # bad data fails here, before the model loads
     eval_samples = reader.read(cfg.eval_data) if cfg.eval_data else []
-    log(f"loading the model ({cfg.model or f'{cfg.vision} + {cfg.llm}'})")
+    say(f"loading the model ({cfg.model or f'{cfg.vision} + {cfg.llm}'})")
     model, processor = built or build_model(cfg)
     family = family_of(getattr(model.config, "model_type", ""))
     own = family.name == "vlmkit"  # vlmkit's composition: its own render, cached features
@@ -301,57 +314,74 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     n_trainable = sum(p.numel() for p in trainable.values())
     n_total = sum(p.numel() for p in model.parameters())
 
-    objective.prepare(model, examples, out, to_device)  # DPO: the starting model's reference log-probs
+    if dist.main:  # DPO: the starting model's reference log-probs, written once...
+        objective.prepare(model, examples, out, to_device)
+    dist.barrier()
+    if not dist.main:  # ...and read by the other ranks
+        objective.prepare(model, examples, out, to_device)
     step, history = 0, []
     if resume:
         step, history = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, restore_rng)
-        log(f"resuming at step {step}/{total_steps}")
+        say(f"resuming at step {step}/{total_steps}")
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out / "logs"))
-    log(
+    writer = SummaryWriter(str(out / "logs")) if dist.main else None
+    say(
         f"training {n_trainable:,} of {n_total:,} parameters ({cfg.stage}, {cfg.method}), "
-        f"{len(examples)} samples, {total_steps} steps of {per_step}, {'bf16' if bf16 else 'fp32'} on {device}"
+        f"{len(examples)} samples, {total_steps} steps of {per_step * dist.world}"
+        + (f" ({dist.world} processes x {per_step})" if dist.active else "")
+        + f", {'bf16' if bf16 else 'fp32'} on {device}"
     )
-    batches = batches_from(examples, cfg.batch_size, cfg.seed, step * cfg.grad_accum)
+    # every rank draws the same global batches and trains on its own slice of each
+    batches = batches_from(examples, cfg.batch_size * dist.world, cfg.seed, step * cfg.grad_accum)
+    mine = slice(dist.rank * cfg.batch_size, (dist.rank + 1) * cfg.batch_size)
+    runner = dist.wrap(model)
     train_mode(model, cfg)
     start = time.time()
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", file=sys.stderr)
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", file=sys.stderr, disable=not dist.main)
     while step < total_steps:
+        micro = [to_device(objective.batch(next(batches)[mine])) for _ in range(cfg.grad_accum)]
+        weights = [objective.weight(b) for b in micro]
+        total_weight = dist.all_sum(float(sum(weights)))  # the step's labelled tokens (pairs) on all ranks
         loss_sum, metrics = 0.0, {}
-        for _ in range(cfg.grad_accum):
-            batch = to_device(objective.batch(next(batches)))
+        for batch, weight in zip(micro, weights):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, parts = objective.loss(model, batch)
-                loss = loss / cfg.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
+                loss, parts = objective.loss(runner, batch)
+            # a mean over this micro-batch -> its share of the step's mean (DDP divides by the world size)
+            (loss * (weight * dist.world / total_weight)).backward()
+            loss_sum += loss.item() * weight
             for key, value in parts.items():
-                metrics[key] = metrics.get(key, 0.0) + value / cfg.grad_accum
+                metrics[key] = metrics.get(key, 0.0) + value * weight
+        loss_sum = dist.all_sum(loss_sum) / total_weight
+        metrics = {k: dist.all_sum(v) / total_weight for k, v in metrics.items()}
         grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         record = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[-1], "grad_norm": float(grad_norm), **metrics}
-        if eval_examples and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+        if eval_examples and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and dist.main:
             record["eval_loss"] = evaluate()
         history.append(record)
         for key, value in record.items():
-            if key != "step":
+            if key != "step" and writer is not None:
                 writer.add_scalar("eval/loss" if key == "eval_loss" else f"train/{key}", value, step)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+        stopping = stop_after is not None and step >= stop_after
+        if dist.main and (stopping or (cfg.save_every and step % cfg.save_every == 0 and step < total_steps)):
             save_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, step, history, capture_rng())
-        if stop_after is not None and step >= stop_after:
-            save_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, step, history, capture_rng())
+        if stopping:
             bar.close()
+            dist.barrier()
             return {"stopped_at": step}
     bar.close()
     train_seconds = time.time() - start
 
+    if not dist.main:  # rank 0 writes the results; the others are done
+        dist.barrier()
+        return {"model": str(out / MODEL), "steps": step, "rank": dist.rank}
     final_eval = None
     if eval_examples:
         final_eval = evaluate()
@@ -388,6 +418,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         "skipped_too_long": skipped + eval_skipped,
     }
     atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
+    dist.barrier()
     return summary
 
 

@@ -67,6 +67,11 @@ class Sft:
     def loss(self, model, batch) -> tuple[torch.Tensor, dict]:
         return model(**batch).loss, {}
 
+    @staticmethod
+    def weight(batch) -> int:
+        """What the batch's loss is a mean over: its trained tokens (the labels, shifted)."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
     @torch.no_grad()
     def eval(self, model, examples, batch_size: int, to_device) -> float:
         """Mean cross-entropy per trained token."""
@@ -144,6 +149,11 @@ class Dpo(Sft):
         from vlmkit.train.dpo import dpo_step_loss
 
         return dpo_step_loss(model, batch, beta=self.cfg.beta)
+
+    @staticmethod
+    def weight(batch) -> int:
+        """DPO's loss is a mean over pairs."""
+        return int(batch["pair_labels"].shape[0] // 2 if "pair_labels" in batch else batch["chosen_input_ids"].shape[0])
 
     @torch.no_grad()
     def eval(self, model, examples, batch_size: int, to_device) -> float:
