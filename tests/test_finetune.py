@@ -286,3 +286,17 @@ def test_dpo_lora_on_a_pretrained_model_resumes_exactly(folders, preferences, tm
 def test_dpo_on_chat_data_says_what_it_expects(folders, data, tmp_path):
     with pytest.raises(VlmkitError, match="field `prompt`: missing"):
         train(_cfg(folders["llava"], data["multi"], tmp_path / "run", "method=dpo"))
+
+
+def test_data_check_renders_with_a_pretrained_models_template(folders, data, capfd):
+    code = main(["data", "check", str(data["multi"]), "--model", folders["qwen2_vl"]])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    assert f"the processor and chat template of {folders['qwen2_vl']} (qwen2-vl)" in out
+    assert "<|im_start|>assistant\n[[" in out  # the answer right after the generation prompt is trained
+    from vlmkit.data.schema import load_samples
+
+    sample = load_samples(data["multi"])[0]
+    answer = sample.messages[1]["content"][0]["text"]
+    question = next(p["text"] for p in sample.messages[0]["content"] if p["type"] == "text")
+    assert f"[[{answer}<|im_end|>" in out and f"[[{question}" not in out

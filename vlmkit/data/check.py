@@ -37,17 +37,50 @@ def check(path, model: str | None = None, show: bool = True, out: TextIO | None 
     if problems:
         return False
     if show and samples:
-        processor, source = load_processor(model)
         sample = samples[0]
-        ids, labels = processor.render(sample.messages)
+        if model is not None and not _is_vlmkit(model):  # a pretrained VLM: its own processor and template
+            ids, labels, tokenizer, image_id, per_image, source = _render_pretrained(model, sample)
+        else:
+            processor, source = load_processor(model)
+            ids, labels = processor.render(sample.messages)
+            tokenizer, image_id, per_image = processor.tokenizer, processor.image_token_id, processor.image_seq_len
         colour = out.isatty() if hasattr(out, "isatty") else False
         print(f"\nsample {sample.where}, rendered with {source}", file=out)
         print("trained tokens " + ("in green" if colour else "in [[...]]") + ":\n", file=out)
-        print(mark_trained(ids, labels, processor, colour=colour).rstrip("\n"), file=out)
+        print(mark_trained(ids, labels, tokenizer, image_id, per_image, colour=colour).rstrip("\n"), file=out)
         n_trained = sum(label != IGNORE_INDEX for label in labels)
-        n_image = sum(t == processor.image_token_id for t in ids)
+        n_image = sum(t == image_id for t in ids)
         print(f"\n{len(ids)} tokens, {n_trained} trained, {n_image} image tokens", file=out)
     return True
+
+
+def _is_vlmkit(model: str) -> bool:
+    from vlmkit.model.build import is_vlmkit_dir
+
+    return is_vlmkit_dir(model)
+
+
+def _render_pretrained(model: str, sample):
+    """(ids, labels, tokenizer, image token id, tokens per image or None, description): the sample as
+    `vlmkit train model=MODEL` would tokenize it (no weights loaded)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from vlmkit.data.template import TemplateRenderer
+    from vlmkit.infer.families import family_of
+    from vlmkit.model.pretrained import model_type_of
+
+    model_type = model_type_of(model)
+    try:
+        processor = AutoProcessor.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise VlmkitError(f"--model {model}: cannot load its processor ({str(e).splitlines()[0]})") from None
+    config = AutoConfig.from_pretrained(model)
+    family = family_of(model_type)
+    example = TemplateRenderer(processor, family).render(sample.messages, list(sample.images), sample.where)
+    image_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+    per_image = getattr(processor, "image_seq_len", None) or getattr(processor, "image_seq_length", None)
+    source = f"the processor and chat template of {model} ({family.name})"
+    return example.input_ids, example.labels, processor.tokenizer, image_id, per_image, source
 
 
 def load_processor(model: str | None = None):
@@ -58,10 +91,7 @@ def load_processor(model: str | None = None):
         from vlmkit.model.build import is_vlmkit_dir
 
         if not is_vlmkit_dir(model):
-            raise VlmkitError(
-                f"--model {model}: not a vlmkit model folder (no config.json with model_type 'vlmkit'); "
-                "give a folder written by `vlmkit train` or `vlmkit quickstart`"
-            )
+            raise VlmkitError(f"--model {model}: not a vlmkit model folder (no config.json with model_type 'vlmkit')")
         return VlmkitProcessor.from_pretrained(model), f"the processor of {model}"
     return _default_processor(), f"the default tokenizer ({DEFAULT_LLM}, {DEFAULT_IMAGE_SEQ_LEN} tokens per image)"
 
@@ -89,9 +119,10 @@ def _default_processor():
     return VlmkitProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=DEFAULT_IMAGE_SEQ_LEN)
 
 
-def mark_trained(ids: list[int], labels: list[int], processor, colour: bool = False) -> str:
-    """Decode `ids` with trained spans marked and each run of image tokens collapsed to `<image xN>`."""
-    image_id = processor.image_token_id
+def mark_trained(ids: list[int], labels: list[int], tokenizer, image_id: int | None, per_image: int | None = None,
+                 colour: bool = False) -> str:
+    """Decode `ids` with trained spans marked and each run of image tokens collapsed to `<image xN>`
+    (one marker per image when `per_image` tokens make an image)."""
     pieces: list[str] = []
     run: list[int] = []
     run_kind: tuple[bool, bool] | None = None  # (is image, is trained)
@@ -102,11 +133,11 @@ def mark_trained(ids: list[int], labels: list[int], processor, colour: bool = Fa
         is_image, trained = run_kind
         if is_image:
             # back-to-back images make one run; show one marker per image
-            per_image = processor.image_seq_len if len(run) % processor.image_seq_len == 0 else len(run)
-            text = f"<image x{per_image}>" * (len(run) // per_image)
+            size = per_image if per_image and len(run) % per_image == 0 else len(run)
+            text = f"<image x{size}>" * (len(run) // size)
             pieces.append(f"{_CYAN}{text}{_RESET}" if colour else text)
         else:
-            text = processor.tokenizer.decode(run, skip_special_tokens=False)
+            text = tokenizer.decode(run, skip_special_tokens=False)
             if trained:
                 text = f"{_GREEN}{text}{_RESET}" if colour else f"[[{text}]]"
             pieces.append(text)
