@@ -32,3 +32,12 @@ def shapes(tmp_path_factory):
     train = make_shapes_dataset(root, "train", 24, seed=0, questions_per_image=2)
     test = make_shapes_dataset(root, "test", 8, seed=1, questions_per_image=1, captions=False)
     return train, test
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    """A tiny random pretrained VLM of every family (real processor classes and chat templates)."""
+    from tiny_vlms import FAMILIES, make_vlm
+
+    root = tmp_path_factory.mktemp("vlms")
+    return {family: str(make_vlm(family, root / family)) for family in FAMILIES}

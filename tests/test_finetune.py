@@ -13,19 +13,13 @@ import pytest
 import torch
 
 import vlmkit
-from tiny_vlms import FAMILIES, make_vlm
+from tiny_vlms import FAMILIES
 from vlmkit.cli import main
 from vlmkit.config import load_config
 from vlmkit.data.processor import IGNORE_INDEX
 from vlmkit.data.template import TemplateRenderer
 from vlmkit.errors import VlmkitError
 from vlmkit.train.loop import train
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vlms")
-    return {family: str(make_vlm(family, root / family)) for family in FAMILIES}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import vlmkit
-from tiny_vlms import FAMILIES, VIDEO_FAMILIES, make_vlm
+from tiny_vlms import FAMILIES, VIDEO_FAMILIES
 from vlmkit.cli import main
 from vlmkit.data.video import read_frames
 from vlmkit.errors import VlmkitError
@@ -25,12 +25,6 @@ def _image(seed, size=(40, 48)):
 
 def _question(text="What is this?", n_images=1):
     return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vlms")
-    return {family: str(make_vlm(family, root / family)) for family in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +256,15 @@ def test_chat_with_a_pretrained_model_keeps_images_and_video(folders, pictures, 
     assert kinds == ["image", "video"] and len(media) == 2 and isinstance(media[1], list)
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert "error" not in out.getvalue()
+
+
+def test_inspect_counts_what_training_would_train(folders, capfd):
+    code, out, err = _run(capfd, "inspect", folders["llava"])
+    assert code == 0, err
+    rows = {line.split("  ")[1].strip(): line.split() for line in out.splitlines() if line.startswith("  vision tower") or
+            line.startswith("  projector") or line.startswith("  language")}
+    vlm = vlmkit.load(folders["llava"], device="cpu")
+    tower = sum(p.numel() for p in vlm.model.model.vision_tower.parameters())
+    projector = sum(p.numel() for p in vlm.model.model.multi_modal_projector.parameters())
+    assert rows["vision tower"][2:4] == [f"{tower:,}", "0"]  # frozen by default
+    assert rows["projector"][1:3] == [f"{projector:,}", f"{projector:,}"]

@@ -42,7 +42,9 @@ def inspect_model(path: str, image: str | None = None, prompt: str = DEFAULT_PRO
         f"vocab {text.vocab_size}"
     ]
 
-    lines += ["", "parameters", f"  {'part':<14}{'total':>14}{'trainable':>14}"]
+    _as_trained_by_default(model)
+    lines += ["", "parameters (trainable: what `vlmkit train` trains by default, stage=sft method=full)"]
+    lines += [f"  {'part':<14}{'total':>14}{'trainable':>14}"]
     for name, module in (("vision tower", model.vision_tower), ("projector", model.projector), ("language", model.language_model)):
         lines += [_param_row(name, module.parameters())]
     lines += [_param_row("all", model.parameters())]  # shared (tied) weights counted once
@@ -55,6 +57,14 @@ def inspect_model(path: str, image: str | None = None, prompt: str = DEFAULT_PRO
 
     lines += ["", "chat template (newlines shown as \\n)", "  " + processor.chat_template.replace("\n", "\\n")]
     return "\n".join(lines)
+
+
+def _as_trained_by_default(model) -> None:
+    """Mark parameters trainable as the default training run would: projector and LM, tower frozen."""
+    from vlmkit.config import TrainConfig
+    from vlmkit.train.loop import set_trainable
+
+    set_trainable(model, TrainConfig())
 
 
 def _tower_name(spec: dict) -> str:
@@ -168,7 +178,9 @@ def inspect_pretrained(vlm, path: str, picture: Image.Image | None, prompt: str)
     config = model.config
     lines = [f"model: {path}", f"family: {vlm.family.name} ({config.model_type}, {type(model).__name__})", ""]
 
-    lines += ["components and parameters", f"  {'part':<14}{'total':>14}{'trainable':>14}  module"]
+    _as_trained_by_default(model)
+    lines += ["components and parameters (trainable: what `vlmkit train model=...` trains by default, method=full)"]
+    lines += [f"  {'part':<14}{'total':>14}{'trainable':>14}  module"]
     for part, names in PART_NAMES.items():
         found = _find_part(model, names)
         if found is None:
