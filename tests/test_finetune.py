@@ -294,3 +294,22 @@ def test_data_check_renders_with_a_pretrained_models_template(folders, data, cap
     answer = sample.messages[1]["content"][0]["text"]
     question = next(p["text"] for p in sample.messages[0]["content"] if p["type"] == "text")
     assert f"[[{answer}<|im_end|>" in out and f"[[{question}" not in out
+
+
+def test_lora_targets_and_qlora_resume(folders, data, tmp_path):
+    """User-chosen LoRA layers reach the adapter; a QLoRA run killed and resumed equals an uninterrupted one;
+    `--model RUN` (the run folder) loads the adapter."""
+    from vlmkit.model.quantize import qlora_available
+
+    args = ["method=qlora" if qlora_available() is None else "method=lora", "lora_targets=q_proj,v_proj", "lr=3e-2", "max_steps=4"]
+    whole = train(_cfg(folders["llava"], data["multi"], tmp_path / "a", *args))
+    meta = json.loads((tmp_path / "a" / "model" / "vlmkit_adapter.json").read_text())
+    assert meta["target_modules"] == ["q_proj", "v_proj"]
+    cut = _cfg(folders["llava"], data["multi"], tmp_path / "b", *args)
+    assert train(cut, stop_after=2) == {"stopped_at": 2}
+    train(cut, resume=True)
+    a = vlmkit.load(str(tmp_path / "a"), device="cpu").model.state_dict()  # the run folder
+    b = vlmkit.load(str(tmp_path / "b" / "model"), device="cpu").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(VlmkitError, match="lora_targets.*nope_proj"):
+        train(_cfg(folders["llava"], data["multi"], tmp_path / "c", "method=lora", "lora_targets=q_proj,nope_proj"))

@@ -39,6 +39,7 @@ class TrainConfig:
     beta: float = 0.1  # DPO: strength of the pull towards the reference model
     lora_r: int = 0  # LoRA rank on the LM's attention and MLP projections; method=lora/qlora default 16
     lora_alpha: int = 32
+    lora_targets: str = "auto"  # comma-separated layer names (e.g. q_proj,v_proj); auto = the LM's attention + MLP
     lora_dropout: float = 0.0
     # data
     data: str | None = None

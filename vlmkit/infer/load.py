@@ -73,9 +73,11 @@ def load(name: str, device: str | None = None, dtype: torch.dtype | None = None)
     from vlmkit.model.build import is_vlmkit_dir, load_model
     from vlmkit.model.pretrained import load_pretrained
 
-    device = device or default_device()
     from vlmkit.train.adapter import is_adapter_dir, load_adapter
 
+    device = device or default_device()
+    if (Path(name) / "train_summary.json").is_file():  # a run folder: its model
+        name = str(Path(name) / "model")
     if is_vlmkit_dir(name):
         model, processor = load_model(name, dtype=dtype or torch.float32, device=device)
     elif is_adapter_dir(name):  # a LoRA run of a pretrained model: base + adapter, merged

@@ -65,7 +65,7 @@ def load_adapter(path: str | Path, device: str | torch.device = "cpu", dtype: to
     from transformers import AutoProcessor
 
     from vlmkit.model.pretrained import load_pretrained
-    from vlmkit.train.lora import add_lora, language_model, lm_target_modules, merge_lora
+    from vlmkit.train.lora import add_lora, merge_lora
 
     path = Path(path)
     meta = json.loads((path / ADAPTER_CONFIG).read_text())
@@ -73,10 +73,8 @@ def load_adapter(path: str | Path, device: str | torch.device = "cpu", dtype: to
     if model.config.model_type != meta["model_type"]:
         raise VlmkitError(f"{path}: the adapter was trained on a {meta['model_type']} model, but its base "
                           f"{meta['base_model']} is now {model.config.model_type}")
-    targets = lm_target_modules(language_model(model))
-    if targets != meta["target_modules"]:
-        raise VlmkitError(f"{path}: the base model's layers ({', '.join(targets)}) do not match the adapter's")
-    add_lora(model, SimpleNamespace(lora_r=meta["lora_r"], lora_alpha=meta["lora_alpha"], lora_dropout=meta["lora_dropout"]))
+    add_lora(model, SimpleNamespace(lora_r=meta["lora_r"], lora_alpha=meta["lora_alpha"], lora_dropout=meta["lora_dropout"],
+                                    lora_targets=",".join(meta["target_modules"])))
     tensors = load_file(str(path / ADAPTER_WEIGHTS))
     params = dict(model.named_parameters())
     unknown = [n for n in tensors if n not in params]

@@ -21,6 +21,21 @@ def lm_target_modules(lm: nn.Module) -> list[str]:
     return found
 
 
+def chosen_targets(lm: nn.Module, spec: str) -> list[str]:
+    """`auto`: every attention/MLP projection of the LM; else the user's comma-separated layer names,
+    each of which must name linear layers of the LM."""
+    if spec in ("auto", "", None):
+        return lm_target_modules(lm)
+    wanted = [name.strip() for name in spec.split(",") if name.strip()]
+    names = {name.rsplit(".", 1)[-1] for name, m in lm.named_modules() if isinstance(m, nn.Linear)}
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise VlmkitError(
+            f"config field `lora_targets`: {', '.join(unknown)} not among the LM's linear layers ({', '.join(sorted(names))})"
+        )
+    return sorted(wanted)
+
+
 def add_lora(model, cfg) -> list[nn.Parameter]:
     """Wrap the LM's projections in LoRA adapters in place; returns the adapter parameters."""
     try:
@@ -32,7 +47,7 @@ def add_lora(model, cfg) -> list[nn.Parameter]:
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=lm_target_modules(lm),
+        target_modules=chosen_targets(lm, getattr(cfg, "lora_targets", "auto")),
     )
     inject_adapter_in_model(config, lm)
     return [p for n, p in lm.named_parameters() if "lora_" in n]
