@@ -52,3 +52,19 @@ def test_two_gloo_processes_equal_one_with_double_batch(parts, shapes, tmp_path,
     b = vlmkit.load(str(two / "model"), device="cpu").model.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # rank 0 wrote it all
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fsdp_on_two_gloo_processes_equals_one_process(parts, folders, shapes, tmp_path, method):
+    """Sharded parameters (FSDP), composed model fully fine-tuned or a pretrained model with LoRA."""
+    train_file, _ = shapes
+    model = [f"vision={parts['clip']}", f"llm={parts['llama']}"] if method == "full" else [f"model={folders['llava']}"]
+    common = [*model, f"method={method}", "max_steps=3", "lr=1e-3", "save_every=0", "warmup_ratio=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(["train", "--data", str(train_file), "--output", str(one), *common, "batch_size=8"], nproc=1)
+    result = _run(["train", "--data", str(train_file), "--output", str(two), *common, "batch_size=4", "fsdp=true"], nproc=2)
+    assert "FSDP: parameters sharded over 2 processes in 3 units" in result.stderr  # 2 decoder layers + the root
+    assert [r["loss"] for r in _history(one)] == pytest.approx([r["loss"] for r in _history(two)], rel=1e-4, abs=1e-5)
+    a = vlmkit.load(str(one), device="cpu").model.state_dict()
+    b = vlmkit.load(str(two), device="cpu").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

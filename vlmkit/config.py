@@ -35,6 +35,7 @@ class TrainConfig:
     stage: str = "sft"  # align: projector only; sft: projector + LM (full or LoRA)
     train_vision: bool = False
     method: str = "full"  # full | lora | qlora (4-bit base + LoRA) | dpo (preference data; LoRA if lora_r > 0)
+    fsdp: bool = False  # under torchrun/accelerate: shard parameters across processes (FSDP) instead of DDP
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     beta: float = 0.1  # DPO: strength of the pull towards the reference model
     lora_r: int = 0  # LoRA rank on the LM's attention and MLP projections; method=lora/qlora default 16

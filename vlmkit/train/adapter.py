@@ -26,8 +26,9 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def save_adapter(model, processor, cfg, folder: Path) -> None:
-    """Write the trained tensors of a LoRA run and how to rebuild the model around them."""
+def save_adapter(model, processor, cfg, folder: Path, state_dict: dict | None = None) -> None:
+    """Write the trained tensors of a LoRA run and how to rebuild the model around them (from
+    `state_dict` when given: a sharded model's tensors, gathered)."""
     from safetensors.torch import save_file
 
     from vlmkit.train.checkpoint import write_folder_atomic
@@ -42,7 +43,9 @@ def save_adapter(model, processor, cfg, folder: Path) -> None:
         "lora_dropout": cfg.lora_dropout,
         "target_modules": lm_target_modules_of_base(language_model(model)),
     }
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    source = state_dict if state_dict is not None else dict(model.named_parameters())
+    tensors = {n: source[n].detach().cpu().contiguous() for n in trained}
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS))

@@ -52,11 +52,12 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, restore_rng) -> t
     return state["step"], state["history"]
 
 
-def save_model_atomic(model, processor, folder: Path) -> None:
-    """save_pretrained into a temporary folder, then swap it into place."""
+def save_model_atomic(model, processor, folder: Path, state_dict: dict | None = None) -> None:
+    """save_pretrained into a temporary folder, then swap it into place. `state_dict` replaces the
+    model's own tensors (a sharded model's weights, gathered)."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         processor.save_pretrained(tmp)
 
     write_folder_atomic(folder, write)

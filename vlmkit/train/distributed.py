@@ -72,3 +72,40 @@ def setup() -> Dist:
             torch.cuda.set_device(local_rank)
         torch_dist.init_process_group(backend)
     return Dist(rank, world, local_rank)
+
+
+def decoder_layers(model) -> list:
+    """The language model's transformer blocks: the ModuleList as long as its layer count."""
+    from torch import nn
+
+    from vlmkit.train.lora import language_model
+
+    lm = language_model(model)
+    config = getattr(lm, "config", None) or getattr(model.config, "text_config", None)
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    for module in lm.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return list(module)
+    return []
+
+
+def shard(model, dist: Dist) -> int:
+    """FSDP (version 2, `fully_shard`): each decoder layer its own unit, everything else in the root
+    unit. Parameters are split across ranks and gathered one unit at a time in forward and backward,
+    so a model that does not fit one device trains on several."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(dist.device().type, (dist.world,))
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return len(layers) + 1
+
+
+def full_state_dict(model) -> dict:
+    """Every rank must call this (it gathers); rank 0 gets the whole state dict on CPU, others {}."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -253,6 +253,11 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
             raise VlmkitError(f"--resume: no checkpoint in {out}/{CHECKPOINT}; start without --resume")
     elif (out / CHECKPOINT).exists():
         raise VlmkitError(f"{out} already holds a run; pass --resume to continue it or choose another --output")
+    fsdp = dist.active and cfg.fsdp
+    if fsdp and (resume or stop_after is not None):
+        raise VlmkitError("fsdp=true runs cannot be checkpointed and resumed yet; run without --resume (or use DDP)")
+    if fsdp and cfg.method == "qlora":
+        raise VlmkitError("fsdp=true with method=qlora is not supported; use method=lora with fsdp, or qlora without")
     dist.barrier()  # every rank has looked for a checkpoint before rank 0 writes anything
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -306,6 +311,24 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
         train_paths = list(dict.fromkeys(p for e in examples for p in e.images))
         model.set_feature_stats(torch.stack([images.cache[p] for p in train_paths]))
 
+    if dist.main:  # DPO: the starting model's reference log-probs, written once...
+        objective.prepare(model, examples, out, to_device)
+    dist.barrier()
+    if not dist.main:  # ...and read by the other ranks
+        objective.prepare(model, examples, out, to_device)
+    if fsdp:
+        if own and cfg.uses_lora:
+            raise VlmkitError("fsdp=true with LoRA on a composed model is not supported; use DDP (fsdp=false)")
+        from vlmkit.train.distributed import shard
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        group_names = [[names[id(p)] for p in g["params"]] for g in groups]
+        units = shard(model, dist)  # parameters are replaced by sharded ones: rebuild the groups by name
+        say(f"FSDP: parameters sharded over {dist.world} processes in {units} units")
+        params = dict(model.named_parameters())
+        for group, wanted in zip(groups, group_names):
+            group["params"] = [params[n] for n in wanted]
+
     per_step = cfg.batch_size * cfg.grad_accum
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(examples) / per_step))
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -314,11 +337,6 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
     n_trainable = sum(p.numel() for p in trainable.values())
     n_total = sum(p.numel() for p in model.parameters())
 
-    if dist.main:  # DPO: the starting model's reference log-probs, written once...
-        objective.prepare(model, examples, out, to_device)
-    dist.barrier()
-    if not dist.main:  # ...and read by the other ranks
-        objective.prepare(model, examples, out, to_device)
     step, history = 0, []
     if resume:
         step, history = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, restore_rng)
@@ -336,7 +354,7 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
     # every rank draws the same global batches and trains on its own slice of each
     batches = batches_from(examples, cfg.batch_size * dist.world, cfg.seed, step * cfg.grad_accum)
     mine = slice(dist.rank * cfg.batch_size, (dist.rank + 1) * cfg.batch_size)
-    runner = dist.wrap(model)
+    runner = model if fsdp else dist.wrap(model)
     train_mode(model, cfg)
     start = time.time()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", file=sys.stderr, disable=not dist.main)
@@ -361,7 +379,7 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
         optimizer.zero_grad(set_to_none=True)
         step += 1
         record = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[-1], "grad_norm": float(grad_norm), **metrics}
-        if eval_examples and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and dist.main:
+        if eval_examples and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and (dist.main or fsdp):
             record["eval_loss"] = evaluate()
         history.append(record)
         for key, value in record.items():
@@ -370,7 +388,7 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}")
         stopping = stop_after is not None and step >= stop_after
-        if dist.main and (stopping or (cfg.save_every and step % cfg.save_every == 0 and step < total_steps)):
+        if dist.main and not fsdp and (stopping or (cfg.save_every and step % cfg.save_every == 0 and step < total_steps)):
             save_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, step, history, capture_rng())
         if stopping:
             bar.close()
@@ -379,12 +397,16 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
     bar.close()
     train_seconds = time.time() - start
 
+    final_eval = evaluate() if eval_examples and (dist.main or fsdp) else None  # FSDP: every rank takes part
+    state = None
+    if fsdp:
+        from vlmkit.train.distributed import full_state_dict
+
+        state = full_state_dict(model)  # gathered on rank 0
     if not dist.main:  # rank 0 writes the results; the others are done
         dist.barrier()
         return {"model": str(out / MODEL), "steps": step, "rank": dist.rank}
-    final_eval = None
     if eval_examples:
-        final_eval = evaluate()
         history[-1]["eval_loss"] = final_eval
         writer.add_scalar("eval/loss", final_eval, step)
     writer.close()
@@ -392,7 +414,7 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
     if cfg.uses_lora and not own:  # a pretrained base: keep the adapter small, merge on load or with `vlmkit merge`
         from vlmkit.train.adapter import save_adapter
 
-        save_adapter(model, processor, cfg, out / MODEL)
+        save_adapter(model, processor, cfg, out / MODEL, state)
     else:
         if cfg.method == "qlora":  # peft's merge would re-quantise and round the update away
             from vlmkit.model.quantize import merge_and_dequantize
@@ -403,7 +425,7 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
 
             merge_lora(model)
         model.requires_grad_(False)
-        save_model_atomic(model, processor, out / MODEL)
+        save_model_atomic(model, processor, out / MODEL, state)
     atomic_write_text(out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     plot_history(history, out / "loss.png")
     if (out / CHECKPOINT).exists():
