@@ -164,6 +164,21 @@ def test_split_is_balanced_and_loads(tmp_path, per_image):
     assert set(a for (t, a) in answers if t == "shape") <= set(KINDS)
 
 
+def test_caption_share_adds_caption_only_images_and_keeps_questions_balanced(tmp_path):
+    n = 400
+    path = make_shapes_dataset(tmp_path, "train", n, seed=0, questions_per_image=1, captions=False, caption_share=0.2)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == n and all(len(r["messages"]) == 2 for r in rows)  # one turn each
+    types = collections.Counter(_qtype(q) for _, q, _ in _answered(path))
+    assert 0.14 * n <= types["caption"] <= 0.26 * n
+    asked = [types[t] for t in ("colour", "shape", "count", "presence", "position")]
+    assert sum(asked) == n - types["caption"] and max(asked) - min(asked) <= 0.1 * max(asked), types
+    for sample, q, a in _answered(path):  # a caption names what is drawn
+        if q == CAPTION_QUESTION:
+            px = {tuple(c) for c in np.unique(np.asarray(Image.open(sample.images[0])).reshape(-1, 3), axis=0)}
+            assert all(name in a for name, rgb in COLOURS.items() if rgb in px)
+
+
 def test_dataset_answers_match_the_images(tmp_path):
     # Read the pictures back: every colour answer must be a colour that is actually drawn.
     path = make_shapes_dataset(tmp_path, "val", 60, seed=1, questions_per_image=4, captions=False)
@@ -182,7 +197,8 @@ def test_dataset_answers_match_the_images(tmp_path):
 
 
 def test_bad_arguments_raise_one_line(tmp_path):
-    for kw in ({"n_images": 0}, {"questions_per_image": 0, "captions": False}, {"split": "../x"}, {"size": 8}):
+    for kw in ({"n_images": 0}, {"questions_per_image": 0, "captions": False}, {"split": "../x"}, {"size": 8},
+               {"caption_share": 1.0}):
         args = {"split": "train", "n_images": 2, "seed": 0} | kw
         with pytest.raises(VlmkitError) as e:
             make_shapes_dataset(tmp_path, **args)

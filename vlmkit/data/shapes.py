@@ -179,14 +179,16 @@ def make_shapes_dataset(
     questions_per_image: int = 1,
     captions: bool = True,
     size: int = 64,
+    caption_share: float = 0.0,
 ) -> Path:
     """Write `out_dir/images/{split}_{i:05d}.png` and `out_dir/{split}.jsonl`; return the JSONL path.
 
     Each line is one image: the first user turn holds the image and the first question, later turns
     ask further questions (no type twice per image), and with `captions` one turn at a random place
     asks for the caption. An image gets at most as many questions as its scene supports (four with
-    one shape, five with two). The split name is mixed into the seed, so two splits never repeat
-    each other even if given the same seed.
+    one shape, five with two). With `caption_share` > 0, that share of the images (at random) instead
+    get a conversation of one turn asking for the caption, and `captions` applies to the others. The
+    split name is mixed into the seed, so two splits never repeat each other even if given the same seed.
     """
     if n_images < 1:
         raise VlmkitError(f"shapes dataset: n_images={n_images}; ask for at least 1 image")
@@ -195,6 +197,8 @@ def make_shapes_dataset(
             f"shapes dataset: questions_per_image={questions_per_image} with captions={captions} gives no "
             "text; ask for at least one question or turn captions on"
         )
+    if not 0 <= caption_share < 1:
+        raise VlmkitError(f"shapes dataset: caption_share={caption_share}; give a share in [0, 1)")
     if not split or any(c in split for c in "/\\") or split.startswith("."):
         raise VlmkitError(f"shapes dataset: split name {split!r} is not a plain name; use e.g. train or test")
     out = Path(out_dir)
@@ -204,6 +208,12 @@ def make_shapes_dataset(
     planner = _Planner(rng, questions_per_image)
     rows = []
     for i in tqdm(range(n_images), desc=f"shapes {split}", unit="img", disable=None, file=sys.stderr):
+        name = f"images/{split}_{i:05d}.png"
+        if caption_share and rng.random() < caption_share:  # a caption-only image
+            scene = make_scene(rng, size)
+            render_scene(scene).save(out / name)
+            rows.append({"messages": _conversation([(CAPTION_QUESTION, caption(scene))]), "images": [name]})
+            continue
         qtypes, n_shapes = planner.plan()
         scene = make_scene(
             rng, size, n_shapes=n_shapes, unique_kinds="colour" in qtypes, unique_colours="shape" in qtypes
@@ -214,7 +224,6 @@ def make_shapes_dataset(
             qas.append(make_question(scene, qtype, rng, want_yes=want_yes))
         if captions:
             qas.insert(int(rng.integers(len(qas) + 1)), (CAPTION_QUESTION, caption(scene)))
-        name = f"images/{split}_{i:05d}.png"
         render_scene(scene).save(out / name)
         rows.append({"messages": _conversation(qas), "images": [name]})
 
