@@ -107,7 +107,7 @@ def plan_run(cfg: TrainConfig) -> str:
     batch = cfg.batch_size * (2 if cfg.method == "dpo" else 1)  # DPO scores chosen and rejected together
     plan = estimate(
         model, method, batch, cfg.max_length, use_bf16(cfg, device), cfg.gradient_checkpointing,
-        lora_r=cfg.lora_r or 16, trainable_groups=("vision_tower",) if cfg.train_vision else (),
+        lora_r=cfg.lora_r or 16, trainable_groups=("vision_tower",) if cfg.train_vision else (), lora_targets=cfg.lora_targets,
     )
     return plan.table() + f"\n(batch {cfg.batch_size}, max_length {cfg.max_length}; device {device})"
 

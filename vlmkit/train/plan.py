@@ -120,6 +120,7 @@ def estimate(
     trainable_groups: tuple[str, ...] | list[str] = (),
     label_fraction: float = 1.0,
     images_per_sample: int = 1,
+    lora_targets: str = "auto",
 ) -> Plan:
     """The `Plan` of training `model` with `method` on batches of `batch_size` x `seq_len` tokens.
 
@@ -159,9 +160,9 @@ def estimate(
     targets: tuple[str, ...] = ()
     adapter = 0
     if method in ("lora", "qlora"):
-        from vlmkit.train.lora import lm_target_modules
+        from vlmkit.train.lora import chosen_targets
 
-        targets = tuple(lm_target_modules(lm))
+        targets = tuple(chosen_targets(lm, lora_targets))
         adapter = lora_param_count(lm, targets, lora_r)
         rows.append(("lora adapters", adapter, adapter))
 
