@@ -156,20 +156,8 @@ def _size_text(size) -> str:
 
 
 # -- pretrained transformers VLMs -------------------------------------------------------------------
-# Where each family keeps its parts (attribute names of the modules, searched in this order).
-PART_NAMES = {
-    "vision tower": ("vision_tower", "vision_model", "visual"),
-    "projector": ("multi_modal_projector", "connector", "merger"),
-    "language": ("language_model", "text_model"),
-}
-
-
-def _find_part(model: torch.nn.Module, names: tuple[str, ...]) -> tuple[str, torch.nn.Module] | None:
-    for wanted in names:
-        for path, module in model.named_modules():
-            if path.rsplit(".", 1)[-1] == wanted:
-                return path, module
-    return None
+# report label -> part name in vlmkit.model.parts, which knows where each family keeps it
+PART_LABELS = {"vision tower": "vision", "projector": "projector", "language": "language"}
 
 
 def inspect_pretrained(vlm, path: str, picture: Image.Image | None, prompt: str) -> str:
@@ -181,8 +169,10 @@ def inspect_pretrained(vlm, path: str, picture: Image.Image | None, prompt: str)
     _as_trained_by_default(model)
     lines += ["components and parameters (trainable: what `vlmkit train model=...` trains by default, method=full)"]
     lines += [f"  {'part':<14}{'total':>14}{'trainable':>14}  module"]
-    for part, names in PART_NAMES.items():
-        found = _find_part(model, names)
+    from vlmkit.model.parts import find_part
+
+    for part, key in PART_LABELS.items():
+        found = find_part(model, key)
         if found is None:
             lines += [f"  {part:<14}{'-':>14}{'-':>14}  (not a separate module)"]
             continue
