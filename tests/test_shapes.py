@@ -122,10 +122,11 @@ def _answered(path):
         assert sample.n_images == 1
         user, assistant = sample.messages[0::2], sample.messages[1::2]
         assert [m["role"] for m in user] == ["user"] * len(user) and [m["role"] for m in assistant] == ["assistant"] * len(user)
-        assert user[0]["content"][0] == {"type": "image"}
+        assert {"type": "image"} in (user[0]["content"][0], user[0]["content"][-1])
         assert all(p["type"] == "text" for m in user[1:] + assistant for p in m["content"])
         for u, a in zip(user, assistant):
-            yield sample, u["content"][-1]["text"], a["content"][0]["text"]
+            text = next(p["text"] for p in u["content"] if p["type"] == "text")
+            yield sample, text, a["content"][0]["text"]
 
 
 def _qtype(q):
@@ -177,6 +178,17 @@ def test_caption_share_adds_caption_only_images_and_keeps_questions_balanced(tmp
         if q == CAPTION_QUESTION:
             px = {tuple(c) for c in np.unique(np.asarray(Image.open(sample.images[0])).reshape(-1, 3), axis=0)}
             assert all(name in a for name, rgb in COLOURS.items() if rgb in px)
+
+
+def test_question_first_puts_the_image_after_the_question(tmp_path):
+    first = make_shapes_dataset(tmp_path / "q", "train", 50, seed=0, questions_per_image=2, question_first=True)
+    plain = make_shapes_dataset(tmp_path / "p", "train", 50, seed=0, questions_per_image=2)
+    rows, plain_rows = ([json.loads(x) for x in p.read_text().splitlines()] for p in (first, plain))
+    for row, other in zip(rows, plain_rows):
+        assert [p["type"] for p in row["messages"][0]["content"]] == ["text", "image"]
+        assert other["messages"][0]["content"] == row["messages"][0]["content"][::-1]  # the same questions
+        assert row["messages"][1:] == other["messages"][1:]
+    list(_answered(first))  # loads, one image per row
 
 
 def test_dataset_answers_match_the_images(tmp_path):

@@ -27,7 +27,7 @@ from vlmkit.errors import VlmkitError
 ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_MARKER = "<image>"
-_MISSING = object()
+MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -68,19 +68,11 @@ def read_samples(
     """
     path = Path(path)
     src = str(path)
-    if not path.exists():
-        return [], [f"{src}: data file not found; check the path"]
-    if path.is_dir():
-        return [], [f"{src}: is a folder; give the .jsonl or .json data file inside it"]
-    suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".json"):
-        return [], [
-            f"{src}: unsupported extension {suffix or '(none)'!r}; use .jsonl (one conversation a line) "
-            "or .json (a LLaVA-style list)"
-        ]
-    base_dir = Path(os.path.abspath(Path(image_root).expanduser() if image_root else path.parent))
-    if image_root is not None and not base_dir.is_dir():
-        return [], [f"{src}: image root {base_dir} is not a folder; check the image root path"]
+    base_dir, problem = check_data_file(
+        path, image_root, "data file", "use .jsonl (one conversation a line) or .json (a LLaVA-style list)"
+    )
+    if problem:
+        return [], [problem]
 
     def parse(obj, base, report):
         return _parse_row(obj, base, report, require_assistant=require_assistant)
@@ -110,7 +102,7 @@ def parse_messages(
     the source in errors (e.g. the `--messages` file). Raises `VlmkitError` on any problem.
     """
     base = Path(os.path.abspath(Path(base_dir).expanduser()))
-    report = _Reporter(where)
+    report = Reporter(where)
     row = {"messages": obj} if isinstance(obj, list) else obj
     parsed = _parse_row(row, base, report, require_assistant=require_assistant)
     if parsed is not None:
@@ -127,6 +119,28 @@ def parse_messages(
 # ---------------------------------------------------------------------------------------- reading rows
 
 
+def check_data_file(
+    path: Path, image_root: str | os.PathLike | None, what: str, formats: str
+) -> tuple[Path, str | None]:
+    """Check that `path` is a readable .jsonl/.json file before any row is read.
+
+    Returns (the folder relative image paths resolve against, None) or (_, one problem line naming the
+    file, what is wrong and what to do). `what` names the file in messages ("data file"); `formats` is
+    the advice for a wrong extension.
+    """
+    src = str(path)
+    base_dir = Path(os.path.abspath(Path(image_root).expanduser() if image_root else path.parent))
+    if not path.exists():
+        return base_dir, f"{src}: {what} not found; check the path"
+    if path.is_dir():
+        return base_dir, f"{src}: is a folder; give the .jsonl or .json {what} inside it"
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        return base_dir, f"{src}: unsupported extension {path.suffix.lower() or '(none)'!r}; {formats}"
+    if image_root is not None and not base_dir.is_dir():
+        return base_dir, f"{src}: image root {base_dir} is not a folder; check the image root path"
+    return base_dir, None
+
+
 def parse_rows(path: Path, base_dir: Path, parse, check_images: bool):
     """Run `parse(obj, base_dir, report)` on every row of a data file and check the images it names.
 
@@ -141,7 +155,7 @@ def parse_rows(path: Path, base_dir: Path, parse, check_images: bool):
             problems.append(problem)
             continue
         n_rows += 1
-        report = _Reporter(f"{src}:{line}")
+        report = Reporter(f"{src}:{line}")
         parsed = parse(obj, base_dir, report)
         if parsed is not None:
             for field, image in parsed[1]:
@@ -183,7 +197,7 @@ def _rows(path: Path):
                 yield 1, data, None  # one conversation on its own
             else:
                 yield 1, None, (
-                    f"{src}:1: expected a JSON list of samples, got {_kind(data)}; "
+                    f"{src}:1: expected a JSON list of samples, got {kind_of(data)}; "
                     "wrap the samples in [...] or use .jsonl with one sample a line"
                 )
             return
@@ -201,7 +215,7 @@ def _rows(path: Path):
             )
 
 
-class _Reporter:
+class Reporter:
     """Collects one-line problems for one row, each prefixed with FILE:LINE and the field."""
 
     def __init__(self, where: str):
@@ -218,13 +232,13 @@ class _Reporter:
 # ---------------------------------------------------------------------------------------- parsing rows
 
 
-def _parse_row(obj: Any, base_dir: Path, report: _Reporter, *, require_assistant: bool):
+def _parse_row(obj: Any, base_dir: Path, report: Reporter, *, require_assistant: bool):
     """Return (messages, [(field, image path), ...]) or None; every problem goes to `report`."""
     if not isinstance(obj, dict):
-        report(None, f"expected a JSON object, got {_kind(obj)}; write each sample as {{\"messages\": [...]}}")
+        report(None, f"expected a JSON object, got {kind_of(obj)}; write each sample as {{\"messages\": [...]}}")
         return None
     if "messages" in obj:
-        parsed = _parse_chat(obj, base_dir, report)
+        parsed = parse_chat(obj, base_dir, report)
     elif "conversations" in obj:
         parsed = _parse_llava(obj, base_dir, report)
     else:
@@ -240,10 +254,10 @@ def _parse_row(obj: Any, base_dir: Path, report: _Reporter, *, require_assistant
     return parsed
 
 
-def _parse_chat(obj: dict, base_dir: Path, report: _Reporter):
+def parse_chat(obj: dict, base_dir: Path, report: Reporter):
     raw = obj["messages"]
     if not isinstance(raw, list):
-        report("messages", f"expected a list of messages, got {_kind(raw)}; give [{{\"role\", \"content\"}}, ...]")
+        report("messages", f"expected a list of messages, got {kind_of(raw)}; give [{{\"role\", \"content\"}}, ...]")
         return None
     if not raw:
         report("messages", "is empty; give at least a user and an assistant message")
@@ -256,21 +270,21 @@ def _parse_chat(obj: dict, base_dir: Path, report: _Reporter):
     for i, m in enumerate(raw):
         field = f"messages[{i}]"
         if not isinstance(m, dict):
-            report(field, f"expected an object with `role` and `content`, got {_kind(m)}; fix the message")
+            report(field, f"expected an object with `role` and `content`, got {kind_of(m)}; fix the message")
             complete = False
             continue
-        role = m.get("role", _MISSING)
-        if role is _MISSING:
+        role = m.get("role", MISSING)
+        if role is MISSING:
             report(f"{field}.role", "missing; set it to system, user or assistant")
         elif role not in ROLES:
             report(f"{field}.role", f"{_show(role)} is not one of system/user/assistant; use one of those")
-        parts = _parse_content(m.get("content", _MISSING), f"{field}.content", slots, report)
+        parts = _parse_content(m.get("content", MISSING), f"{field}.content", slots, report)
         if parts is None:
             complete = False
         else:
             messages.append({"role": role, "content": parts})
 
-    listed = _listed_images(obj, report)
+    listed = listed_images(obj, report)
     if listed is None or not complete:
         return None
     n_slots = sum(s is None for s in slots)
@@ -292,15 +306,15 @@ def _parse_chat(obj: dict, base_dir: Path, report: _Reporter):
     return messages, resolved
 
 
-def _parse_content(content: Any, field: str, slots: list, report: _Reporter) -> list[dict] | None:
+def _parse_content(content: Any, field: str, slots: list, report: Reporter) -> list[dict] | None:
     """Normalise one message's content to a list of parts, appending one entry to `slots` per image."""
-    if content is _MISSING or content is None:
+    if content is MISSING or content is None:
         report(field, "missing; give a string or a list of {\"type\": \"text\" | \"image\"} parts")
         return None
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
-        report(field, f"expected a string or a list of parts, got {_kind(content)}; fix the content")
+        report(field, f"expected a string or a list of parts, got {kind_of(content)}; fix the content")
         return None
     if not content:
         report(field, "is empty; give at least one text or image part")
@@ -310,14 +324,14 @@ def _parse_content(content: Any, field: str, slots: list, report: _Reporter) -> 
     for k, part in enumerate(content):
         pf = f"{field}[{k}]"
         if not isinstance(part, dict):
-            report(pf, f"expected an object like {{\"type\": \"text\", \"text\": ...}}, got {_kind(part)}; fix the part")
+            report(pf, f"expected an object like {{\"type\": \"text\", \"text\": ...}}, got {kind_of(part)}; fix the part")
             ok = False
             continue
-        kind = part.get("type", _MISSING)
+        kind = part.get("type", MISSING)
         if kind == "text":
-            text = part.get("text", _MISSING)
+            text = part.get("text", MISSING)
             if not isinstance(text, str):
-                got = "missing" if text is _MISSING else f"expected a string, got {_kind(text)}"
+                got = "missing" if text is MISSING else f"expected a string, got {kind_of(text)}"
                 report(f"{pf}.text", f"{got}; give the text as a string")
                 ok = False
                 continue
@@ -326,7 +340,7 @@ def _parse_content(content: Any, field: str, slots: list, report: _Reporter) -> 
             key = next((k2 for k2 in ("image", "path") if part.get(k2) is not None), None)
             slots.append((f"{pf}.{key}", part[key]) if key else None)
             parts.append({"type": "image"})
-        elif kind is _MISSING:
+        elif kind is MISSING:
             report(f"{pf}.type", "missing; set it to \"text\" or \"image\"")
             ok = False
         else:
@@ -335,7 +349,7 @@ def _parse_content(content: Any, field: str, slots: list, report: _Reporter) -> 
     return parts if ok else None
 
 
-def _listed_images(obj: dict, report: _Reporter) -> list[tuple[str, Any]] | None:
+def listed_images(obj: dict, report: Reporter) -> list[tuple[str, Any]] | None:
     """The row's `images` list (or HF-style single `image`), as (field, value) pairs."""
     images, image = obj.get("images"), obj.get("image")
     if images is not None and image is not None:
@@ -348,15 +362,15 @@ def _listed_images(obj: dict, report: _Reporter) -> list[tuple[str, Any]] | None
     if isinstance(images, str):
         return [("images", images)]
     if not isinstance(images, list):
-        report("images", f"expected a list of image paths, got {_kind(images)}; give [\"a.png\", ...]")
+        report("images", f"expected a list of image paths, got {kind_of(images)}; give [\"a.png\", ...]")
         return None
     return [(f"images[{k}]", v) for k, v in enumerate(images)]
 
 
-def _parse_llava(obj: dict, base_dir: Path, report: _Reporter):
+def _parse_llava(obj: dict, base_dir: Path, report: Reporter):
     raw = obj["conversations"]
     if not isinstance(raw, list) or not raw:
-        got = "is empty" if isinstance(raw, list) else f"expected a list of turns, got {_kind(raw)}"
+        got = "is empty" if isinstance(raw, list) else f"expected a list of turns, got {kind_of(raw)}"
         report("conversations", f"{got}; give [{{\"from\": \"human\", \"value\": ...}}, {{\"from\": \"gpt\", ...}}]")
         return None
     image = obj.get("image", obj.get("images"))
@@ -368,7 +382,7 @@ def _parse_llava(obj: dict, base_dir: Path, report: _Reporter):
     elif isinstance(image, list):
         listed = [(f"{key}[{k}]", v) for k, v in enumerate(image)]
     else:
-        report(key, f"expected an image path or a list of them, got {_kind(image)}; fix the value")
+        report(key, f"expected an image path or a list of them, got {kind_of(image)}; fix the value")
         return None
 
     messages: list[dict] = []
@@ -377,16 +391,16 @@ def _parse_llava(obj: dict, base_dir: Path, report: _Reporter):
     for i, turn in enumerate(raw):
         field = f"conversations[{i}]"
         if not isinstance(turn, dict):
-            report(field, f"expected an object with `from` and `value`, got {_kind(turn)}; fix the turn")
+            report(field, f"expected an object with `from` and `value`, got {kind_of(turn)}; fix the turn")
             complete = False
             continue
-        who = turn.get("from", _MISSING)
+        who = turn.get("from", MISSING)
         if who not in LLAVA_ROLES:
-            got = "missing" if who is _MISSING else f"{_show(who)} is not one of human/gpt/system"
+            got = "missing" if who is MISSING else f"{_show(who)} is not one of human/gpt/system"
             report(f"{field}.from", f"{got}; use human, gpt or system")
-        value = turn.get("value", _MISSING)
+        value = turn.get("value", MISSING)
         if not isinstance(value, str):
-            got = "missing" if value is _MISSING else f"expected a string, got {_kind(value)}"
+            got = "missing" if value is MISSING else f"expected a string, got {kind_of(value)}"
             report(f"{field}.value", f"{got}; give the turn's text as a string")
             complete = False
             continue
@@ -434,11 +448,11 @@ def _split_markers(text: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------- image paths
 
 
-def _resolve_all(fields_values: list[tuple[str, Any]], base_dir: Path, report: _Reporter):
+def _resolve_all(fields_values: list[tuple[str, Any]], base_dir: Path, report: Reporter):
     out: list[tuple[str, Path]] = []
     for field, value in fields_values:
         if not isinstance(value, str) or not value.strip():
-            got = "is empty" if isinstance(value, str) else f"expected an image path, got {_kind(value)}"
+            got = "is empty" if isinstance(value, str) else f"expected an image path, got {kind_of(value)}"
             report(field, f"{got}; give the image file's path")
         elif value.startswith(("http://", "https://")):
             report(field, f"{_show(value)} is a URL and vlmkit does not download; download it and give the local path")
@@ -468,7 +482,7 @@ def _summarise(problems: list[str], check_command: str | None) -> str:
     return f"{first} (and {rest} more problem{'s' if rest > 1 else ''}{tail})"
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     """The JSON name of a value's type, as the user wrote it."""
     if value is None:
         return "null"

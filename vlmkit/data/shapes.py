@@ -180,6 +180,7 @@ def make_shapes_dataset(
     captions: bool = True,
     size: int = 64,
     caption_share: float = 0.0,
+    question_first: bool = False,
 ) -> Path:
     """Write `out_dir/images/{split}_{i:05d}.png` and `out_dir/{split}.jsonl`; return the JSONL path.
 
@@ -189,6 +190,7 @@ def make_shapes_dataset(
     one shape, five with two). With `caption_share` > 0, that share of the images (at random) instead
     get a conversation of one turn asking for the caption, and `captions` applies to the others. The
     split name is mixed into the seed, so two splits never repeat each other even if given the same seed.
+    `question_first` puts the first question's text before the image instead of after it.
     """
     if n_images < 1:
         raise VlmkitError(f"shapes dataset: n_images={n_images}; ask for at least 1 image")
@@ -212,7 +214,7 @@ def make_shapes_dataset(
         if caption_share and rng.random() < caption_share:  # a caption-only image
             scene = make_scene(rng, size)
             render_scene(scene).save(out / name)
-            rows.append({"messages": _conversation([(CAPTION_QUESTION, caption(scene))]), "images": [name]})
+            rows.append({"messages": _conversation([(CAPTION_QUESTION, caption(scene))], question_first), "images": [name]})
             continue
         qtypes, n_shapes = planner.plan()
         scene = make_scene(
@@ -225,7 +227,7 @@ def make_shapes_dataset(
         if captions:
             qas.insert(int(rng.integers(len(qas) + 1)), (CAPTION_QUESTION, caption(scene)))
         render_scene(scene).save(out / name)
-        rows.append({"messages": _conversation(qas), "images": [name]})
+        rows.append({"messages": _conversation(qas, question_first), "images": [name]})
 
     # Written last and renamed into place: a crash never leaves a half-written split behind.
     path = out / f"{split}.jsonl"
@@ -241,12 +243,12 @@ def make_shapes_dataset(
     return path
 
 
-def _conversation(qas: list[tuple[str, str]]) -> list[dict]:
+def _conversation(qas: list[tuple[str, str]], question_first: bool = False) -> list[dict]:
     messages = []
     for k, (question, answer) in enumerate(qas):
         content = [{"type": "text", "text": question}]
         if k == 0:
-            content.insert(0, {"type": "image"})
+            content.insert(len(content) if question_first else 0, {"type": "image"})
         messages.append({"role": "user", "content": content})
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages

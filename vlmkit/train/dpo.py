@@ -37,11 +37,12 @@ import torch.nn.functional as F
 from vlmkit.data.collate import Example, collate
 from vlmkit.data.processor import IGNORE_INDEX
 from vlmkit.data.schema import (
-    _MISSING,
-    _kind,
-    _listed_images,
-    _parse_chat,
-    _Reporter,
+    MISSING,
+    Reporter,
+    check_data_file,
+    kind_of,
+    listed_images,
+    parse_chat,
     parse_rows,
 )
 from vlmkit.errors import VlmkitError
@@ -85,10 +86,10 @@ class PreferencePair:
 # ---------------------------------------------------------------------------------------- reading
 
 
-class _FieldReporter(_Reporter):
+class _FieldReporter(Reporter):
     """A reporter for the SFT parser that names the preference field instead of `messages`."""
 
-    def __init__(self, parent: _Reporter, field: str):
+    def __init__(self, parent: Reporter, field: str):
         super().__init__(parent.where)
         self.problems = parent.problems  # shared: one list per row
         self.field = field
@@ -109,12 +110,9 @@ def read_preferences(
     """
     path = Path(path)
     src = str(path)
-    if not path.is_file():
-        what = "is a folder; give the .jsonl file inside it" if path.is_dir() else "not found; check the path"
-        return [], [f"{src}: preference data file {what}"]
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        return [], [f"{src}: unsupported extension {path.suffix or '(none)'!r}; use .jsonl with one pair a line"]
-    base_dir = Path(os.path.abspath(Path(image_root).expanduser() if image_root else path.parent))
+    base_dir, problem = check_data_file(path, image_root, "preference data file", "use .jsonl with one pair a line")
+    if problem:
+        return [], [problem]
 
     def parse(obj, base, report):
         parsed = _parse_pair(obj, base, report)
@@ -138,18 +136,18 @@ def load_preferences(path: str | os.PathLike, **kw: Any) -> list[PreferenceSampl
     return samples
 
 
-def _parse_pair(obj: Any, base_dir: Path, report: _Reporter):
+def _parse_pair(obj: Any, base_dir: Path, report: Reporter):
     """(prompt, chosen, rejected, [(field, image path)]) or None; every problem goes to `report`."""
     if not isinstance(obj, dict):
-        report(None, f"expected a JSON object, got {_kind(obj)}; write each pair as {{\"prompt\", \"chosen\", \"rejected\"}}")
+        report(None, f"expected a JSON object, got {kind_of(obj)}; write each pair as {{\"prompt\", \"chosen\", \"rejected\"}}")
         return None
     values = {}
     for key in ("prompt", "chosen", "rejected"):
-        value = obj.get(key, _MISSING)
-        if value is _MISSING or value is None:
+        value = obj.get(key, MISSING)
+        if value is MISSING or value is None:
             report(key, "missing; give a string or a list of chat messages")
         elif not isinstance(value, (str, list)):
-            report(key, f"expected a string or a list of chat messages, got {_kind(value)}; fix the value")
+            report(key, f"expected a string or a list of chat messages, got {kind_of(value)}; fix the value")
         else:
             values[key] = value
     if "prompt" not in values:
@@ -158,12 +156,12 @@ def _parse_pair(obj: Any, base_dir: Path, report: _Reporter):
     raw_prompt = values["prompt"]
     if isinstance(raw_prompt, str):
         # The plain form: one user turn, every listed image before the text.
-        listed = _listed_images(obj, report)
+        listed = listed_images(obj, report)
         if listed is None:
             return None
         raw_prompt = [{"role": "user", "content": [{"type": "image"}] * len(listed) + [{"type": "text", "text": raw_prompt}]}]
     row = {"messages": raw_prompt, **{k: obj[k] for k in ("images", "image") if k in obj}}
-    parsed_prompt = _parse_chat(row, base_dir, _FieldReporter(report, "prompt"))
+    parsed_prompt = parse_chat(row, base_dir, _FieldReporter(report, "prompt"))
     if parsed_prompt is not None and parsed_prompt[0][-1]["role"] == "assistant":
         report("prompt", "ends with an assistant message; the prompt should end with the user's turn")
 
@@ -176,7 +174,7 @@ def _parse_pair(obj: Any, base_dir: Path, report: _Reporter):
     return parsed_prompt[0], replies["chosen"], replies["rejected"], parsed_prompt[1]
 
 
-def _parse_reply(value: str | list, key: str, base_dir: Path, report: _Reporter) -> list[dict] | None:
+def _parse_reply(value: str | list, key: str, base_dir: Path, report: Reporter) -> list[dict] | None:
     """One assistant message from a string or a one-message list; images are not allowed in replies."""
     if isinstance(value, str):
         value = [{"role": "assistant", "content": value}]
@@ -188,7 +186,7 @@ def _parse_reply(value: str | list, key: str, base_dir: Path, report: _Reporter)
         report(f"{key}[0].content", "has an image part; images belong in the prompt, replies are text")
         return None
     n_before = len(report.problems)
-    parsed = _parse_chat({"messages": value}, base_dir, _FieldReporter(report, key))
+    parsed = parse_chat({"messages": value}, base_dir, _FieldReporter(report, key))
     if parsed is None or len(report.problems) > n_before:
         return None
     messages = parsed[0]
