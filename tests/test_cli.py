@@ -381,3 +381,12 @@ def test_entry_points_exit_codes(w, tmp_path):
 
     r = subprocess.run([script, "generate"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and "--model" in r.stderr  # argparse's own usage error
+
+
+def test_data_shapes_writes_a_split_that_checks(capfd, tmp_path):
+    code, out, _ = run(capfd, "data", "shapes", "--output", tmp_path, "--split", "val", "--n", 6, "--question-first")
+    path = tmp_path / "val.jsonl"
+    assert code == 0 and str(path) in out
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 6 and all(r["messages"][0]["content"][-1] == {"type": "image"} for r in rows)
+    assert run(capfd, "data", "check", path, "--no-sample")[0] == 0

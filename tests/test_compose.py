@@ -57,6 +57,24 @@ def test_timm_tower(parts, tmp_path):
     roundtrip(model, processor, tmp_path)
 
 
+def test_image_positions_tell_the_tokens_apart_train_and_save(parts, tmp_path):
+    model, processor = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4, image_positions=True)
+    position = model.projector.position
+    assert position.shape == (4, model.config.text_config.hidden_size) and not position.any()  # starts as a no-op
+    same = torch.ones(1, 2, 2, model.config.vision_hidden_size)  # one feature in every cell
+    assert torch.allclose(model.project(same)[0, 0], model.project(same)[0, 3])
+    with torch.no_grad():
+        position.normal_()
+    tokens = model.project(same)[0]
+    assert not torch.allclose(tokens[0], tokens[3])  # the same feature, told apart by where it is
+    assert any(p is position for p in model.projector.parameters())  # trains and counts with the projector
+    inputs = processor(images=[image()], text=processor.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False))
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert position.grad is not None and position.grad.abs().sum() > 0
+    roundtrip(model, processor, tmp_path)
+    assert torch.equal(load_model(tmp_path / "m")[0].projector.position, position)
+
+
 def test_image_tokens_must_match_images(parts):
     model, processor = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
     text = processor.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)

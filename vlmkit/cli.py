@@ -178,7 +178,9 @@ def cmd_data_check(args) -> None:
 def cmd_data_shapes(args) -> None:
     from vlmkit.data.shapes import make_shapes_dataset
 
-    path = make_shapes_dataset(args.output, args.split, args.n, args.seed, questions_per_image=args.questions)
+    path = make_shapes_dataset(
+        args.output, args.split, args.n, args.seed, questions_per_image=args.questions, question_first=args.question_first
+    )
     print(path)
 
 
@@ -301,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n", type=int, default=1000, help="number of images")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--questions", type=int, default=1, help="questions per image (multi-turn)")
+    q.add_argument("--question-first", action="store_true",
+                   help="put the first question before the image, as the quickstart does")
     q.set_defaults(func=cmd_data_shapes)
 
     p = sub.add_parser("inspect", help="components, parameter counts, image -> tokens, chat template")

@@ -31,6 +31,7 @@ class TrainConfig:
     norm_image_embeds: bool = True  # scale image embeddings to the LM's token-embedding norm
     standardize_features: bool = True  # projector inputs standardised with the training images' statistics
     image_tokens: int = 9  # tokens per image (a square number)
+    image_positions: bool = False  # a learned embedding per image-token position (a CNN's features carry little)
     image_size: int | None = None  # input resolution of the tower; None = the tower's default
     stage: str = "sft"  # align: projector only; sft: projector + LM (full or LoRA)
     train_vision: bool = False

@@ -79,6 +79,7 @@ def compose(
     pixel_shuffle_factor: int = 2,
     vision_feature_layer: int = -2,
     norm_image_embeds: bool = False,
+    image_positions: bool = False,
     seed: int = 0,
 ):
     """A new VLM from pretrained parts and a fresh projector: returns (model, processor)."""
@@ -97,6 +98,7 @@ def compose(
         text_config=lm.config,
         projector=projector,
         image_tokens=image_tokens,
+        image_positions=image_positions,
         pixel_shuffle_factor=pixel_shuffle_factor,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_hidden_size=tower.hidden_size,

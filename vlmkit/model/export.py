@@ -60,6 +60,11 @@ def check_llava_exportable(config) -> None:
             f"cannot export to Llava: projector {config.projector!r} has no Llava equivalent "
             "(Llava's is Linear -> GELU -> Linear); build the model with projector=mlp or projector=linear"
         )
+    if getattr(config, "image_positions", False):
+        raise VlmkitError(
+            "cannot export to Llava: the model adds a learned position embedding to its image tokens, which "
+            "Llava's projector has no place for; train it with image_positions=false to export"
+        )
     if getattr(config, "image_embed_norm", 0.0) > 0:
         raise VlmkitError(
             "cannot export to Llava: the model rescales image embeddings (norm_image_embeds), which Llava "

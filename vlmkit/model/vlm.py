@@ -44,6 +44,7 @@ class VlmkitConfig(PreTrainedConfig):
     image_token_id: int = 0
     vision_hidden_size: int = 0
     image_embed_norm: float = 0.0  # > 0: every image embedding is rescaled to this L2 norm (see `project`)
+    image_positions: bool = False  # a learned embedding per image-token position, added after the projector
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -72,6 +73,11 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
             config.text_config.hidden_size,
             shuffle=config.pixel_shuffle_factor,
         )
+        if config.image_positions:
+            # Kept on the projector so that it trains, saves and counts as part of the connector. A CNN's
+            # pooled features say little about where they are, and the projector maps each token alike;
+            # this tells the LM which cell of the grid a token is.
+            self.projector.position = nn.Parameter(torch.zeros(config.image_tokens, config.text_config.hidden_size))
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         # Per-channel statistics of the pooled features, measured on the training images (identity until
         # then): the projector sees standardised inputs. See `set_feature_stats`.
@@ -102,6 +108,8 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
             nn.init.normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        if module is self.projector and hasattr(module, "position"):
+            nn.init.zeros_(module.position)
 
     # -- images ----------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -120,6 +128,8 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """
         features = (features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
         embeds = self.projector(features.to(self.dtype_of(self.projector)))
+        if self.config.image_positions:
+            embeds = embeds + self.projector.position
         if self.config.image_embed_norm > 0:
             embeds = nn.functional.normalize(embeds, dim=-1) * self.config.image_embed_norm
         return embeds

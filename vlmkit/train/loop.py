@@ -86,6 +86,7 @@ def build_model(cfg: TrainConfig):
         image_tokens=cfg.image_tokens,
         image_size=cfg.image_size,
         norm_image_embeds=cfg.norm_image_embeds,
+        image_positions=cfg.image_positions,
         seed=cfg.seed,
     )
 
