@@ -27,3 +27,23 @@ def test_default_parts_train_and_answer(tmp_path):
     image = sorted((tmp_path / "data" / "images").glob("*.png"))[0]
     reply = vlm.ask(str(image), "How many shapes are there?", max_new_tokens=4)
     assert reply.strip() != "" and len(reply) < 40
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    """The main job on fewer images and steps: data, compose, eval, train, eval, report, summary."""
+    import vlmkit.quickstart as qs
+
+    full = qs.make_data
+    monkeypatch.setattr(qs, "make_data", lambda folder: full(folder, train_images=40, test_images=12))
+    out = tmp_path / "qs"
+    result = qs.quickstart(str(out), overrides=["max_steps=6", "save_every=0"])
+
+    report = json.loads((out / "eval.json").read_text())
+    assert {"n", "exact_match", "vqa_accuracy", "bleu4", "rougeL", "cider"} <= set(report) and report["n"] == 12
+    assert result["after"]["exact_match"] == report["exact_match"]
+    assert len((out / "eval.predictions.jsonl").read_text().splitlines()) == 12
+    assert json.loads((out / "quickstart.json").read_text())["model"] == str(out / "model")
+    assert (out / "model" / "config.json").is_file() and (out / "loss.png").is_file()
+    printed = capsys.readouterr().out
+    assert "held-out exact match" in printed and f"vlmkit generate --model {out / 'model'}" in printed

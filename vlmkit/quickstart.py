@@ -116,5 +116,6 @@ def print_summary(result: dict, test_file: Path, out: Path) -> None:
         f"  vlmkit eval --model {result['model']} --data {test_file} --output {out / 'eval2.json'}",
         f"  vlmkit inspect {result['model']}",
         f"  vlmkit chat --model {result['model']}",
+        f"  vlmkit quickstart --minutes 20 --output {out}-20min   # twice the training (README: Benchmarks)",
     ]
     print("\n".join(lines), file=sys.stdout)
