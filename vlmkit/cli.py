@@ -222,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate the built-in shapes dataset, evaluate the untrained model, train it "
                        "(EfficientNet-Lite0 + SmolLM2-135M, offline), evaluate again and save everything.")
     p.add_argument("--output", default="runs/quickstart", help="run folder (default runs/quickstart)")
-    p.add_argument("--minutes", type=float, default=None, help="training budget in minutes on 2 CPU cores, scaling the number of steps "
-                   "(default 10: 750 steps of 4; 20 trains 1,500 steps and measured 0.955 held-out exact match)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training budget in minutes on 2 CPU cores, scaling the number of steps (default 10: 750 "
+                   "steps of 4; 20 trains 1,500 steps and measured 0.955 held-out exact match)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides, as for `vlmkit train`")
     p.set_defaults(func=cmd_quickstart)
 
