@@ -108,7 +108,7 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
             nn.init.normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        if module is self.projector and hasattr(module, "position"):
+        if module is self.projector and self.config.image_positions:
             nn.init.zeros_(module.position)
 
     # -- images ----------------------------------------------------------------------------------
