@@ -112,3 +112,26 @@ def test_labels_cover_exactly_the_assistant_tokens(parts):
     trained = processor.tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX])
     assert trained == "red<|im_end|>2<|im_end|>"
     assert ids.count(processor.image_token_id) == 4
+
+
+def test_position_words_start_each_column_at_its_word(parts, shapes, tmp_path):
+    # learning rates 0: the one step leaves the positions and the word embeddings where training started them
+    cfg = tiny_config(
+        parts, shapes, tmp_path / "run", "image_positions=true", "position_words=true", "max_steps=1", "projector_lr=0", "lr=0"
+    )
+    model, processor = load_model(train(cfg)["model"])
+    table = model.get_input_embeddings().weight
+    left, right = (table[processor.tokenizer(w, add_special_tokens=False).input_ids].mean(0) for w in (" left", " right"))
+    position = model.projector.position  # a 2x2 grid, row-major: columns 0, 1, 0, 1
+    for row, word in zip(position, (left, right, left, right)):
+        assert torch.nn.functional.cosine_similarity(row, word, dim=0) > 0.999
+    assert torch.equal(position[0], position[2]) and not torch.allclose(position[0], position[1])
+    # at the norm of the projector's own output on the training images, so neither part drowns the other
+    features = torch.randn(8, 2, 2, model.feature_mean.shape[0]) * model.feature_std + model.feature_mean
+    content = model.projector(model.standardize(features)).norm(dim=-1).mean()
+    assert 0.5 < position.norm(dim=-1).mean() / content < 2
+
+
+def test_position_words_need_image_positions(parts, shapes, tmp_path):
+    with pytest.raises(VlmkitError, match="position_words.*image_positions=true"):
+        tiny_config(parts, shapes, tmp_path / "run", "position_words=true")

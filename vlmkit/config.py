@@ -32,6 +32,7 @@ class TrainConfig:
     standardize_features: bool = True  # projector inputs standardised with the training images' statistics
     image_tokens: int = 9  # tokens per image (a square number)
     image_positions: bool = False  # a learned embedding per image-token position (a CNN's features carry little)
+    position_words: bool = False  # those embeddings start as the LM's words " left" ... " right", by grid column
     image_size: int | None = None  # input resolution of the tower; None = the tower's default
     stage: str = "sft"  # align: projector only; sft: projector + LM (full or LoRA)
     train_vision: bool = False
@@ -82,6 +83,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length"):
             if getattr(self, name) < 1:
                 raise VlmkitError(f"config field `{name}` must be >= 1 (got {getattr(self, name)})")
+        if self.position_words and not self.image_positions:
+            raise VlmkitError("config field `position_words` needs `image_positions=true` (the embeddings it starts)")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise VlmkitError("give `epochs` > 0 or `max_steps` > 0")
 

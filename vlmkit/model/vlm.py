@@ -126,13 +126,17 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
         small LM drifts to embeddings two orders of magnitude larger than any word's, which the LM then
         treats as inert attention sinks: the loss stops depending on the image at all (measured).
         """
-        features = (features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
-        embeds = self.projector(features.to(self.dtype_of(self.projector)))
+        embeds = self.projector(self.standardize(features))
         if self.config.image_positions:
             embeds = embeds + self.projector.position
         if self.config.image_embed_norm > 0:
             embeds = nn.functional.normalize(embeds, dim=-1) * self.config.image_embed_norm
         return embeds
+
+    def standardize(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled features in the projector's dtype, standardised per channel (see `set_feature_stats`)."""
+        features = (features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
+        return features.to(self.dtype_of(self.projector))
 
     @torch.no_grad()
     def set_feature_stats(self, features: torch.Tensor) -> None:
@@ -145,6 +149,20 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
         flat = features.reshape(-1, features.shape[-1]).float()
         self.feature_mean.copy_(flat.mean(0))
         self.feature_std.copy_(flat.std(0).clamp_min(1e-3))
+
+    @torch.no_grad()
+    def set_position_words(self, column_words: torch.Tensor, features: torch.Tensor) -> None:
+        """Start each image token's position embedding at the word embedding of its grid column
+        (`column_words`: (side, H), e.g. the LM's " left" and " right"), at the mean norm of the projector's
+        output on `features` (N, g, g, D): the LM then reads which half of the image a token covers from
+        the first step, instead of learning it from a zero start."""
+        side = grid_side(self.config.image_tokens)
+        if column_words.shape[0] != side:
+            raise VlmkitError(f"position words: {column_words.shape[0]} column words for a {side}x{side} grid")
+        scale = self.projector(self.standardize(features)).norm(dim=-1).mean()  # the content it is added to
+        columns = torch.arange(self.config.image_tokens) % side  # row-major grid: token i is in column i % side
+        words = column_words[columns].to(self.projector.position)
+        self.projector.position.copy_(words / words.norm(dim=-1, keepdim=True) * scale)
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         return self.project(self.encode_images(pixel_values))

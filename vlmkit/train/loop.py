@@ -188,6 +188,31 @@ class ImageSource:
         return {"pixel_values": pixels.to(self.device)}
 
 
+def column_words(model, tokenizer, side: int) -> torch.Tensor:
+    """(side, H): the LM's input embeddings of " left" ... " right" (in between for wider grids; a word
+    split into several tokens is their mean)."""
+    table = model.get_input_embeddings().weight.detach()
+    left, right = (table[tokenizer(w, add_special_tokens=False).input_ids].mean(0) for w in (" left", " right"))
+    if side == 1:
+        return ((left + right) / 2)[None]
+    return torch.stack([left + (right - left) * c / (side - 1) for c in range(side)])
+
+
+def start_positions_at_words(model, tokenizer, images: ImageSource, paths: list[str], sample: int = 256) -> None:
+    """`position_words`: the image-position embeddings start at the column words, at the norm of the
+    projector's output on (up to `sample` of) the training images."""
+    from vlmkit.model.projector import grid_side
+
+    if not hasattr(model, "set_position_words"):
+        raise VlmkitError(f"position_words: {type(model).__name__} has no image-position embeddings to start")
+    with torch.no_grad():
+        batch = images(paths[:sample])
+        features = batch.get("image_features")
+        if features is None:
+            features = model.encode_images(batch["pixel_values"])
+        model.set_position_words(column_words(model, tokenizer, grid_side(model.config.image_tokens)), features.float())
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
@@ -308,9 +333,11 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return run_eval(model, lambda: objective.eval(model, eval_examples, cfg.batch_size, to_device))
 
+    train_paths = list(dict.fromkeys(p for e in examples for p in e.images))
     if cache and cfg.standardize_features and not cfg.model:
-        train_paths = list(dict.fromkeys(p for e in examples for p in e.images))
         model.set_feature_stats(torch.stack([images.cache[p] for p in train_paths]))
+    if cfg.position_words and not cfg.model and train_paths:
+        start_positions_at_words(model, processor.tokenizer, images, train_paths)
 
     if dist.main:  # DPO: the starting model's reference log-probs, written once...
         objective.prepare(model, examples, out, to_device)
