@@ -135,3 +135,26 @@ def test_position_words_start_each_column_at_its_word(parts, shapes, tmp_path):
 def test_position_words_need_image_positions(parts, shapes, tmp_path):
     with pytest.raises(VlmkitError, match="position_words.*image_positions=true"):
         tiny_config(parts, shapes, tmp_path / "run", "position_words=true")
+
+
+def test_group_by_length_pads_less_and_covers_each_epoch_once():
+    from types import SimpleNamespace
+
+    from vlmkit.train.loop import batches_from
+
+    rng = torch.Generator().manual_seed(0)
+    examples = [SimpleNamespace(input_ids=[0] * int(n)) for n in torch.randint(5, 60, (400,), generator=rng)]
+
+    def draw(group, start=0, n=100):  # 100 batches of 4 = one epoch
+        batches = batches_from(examples, 4, seed=3, start=start, group_by_length=group)
+        return [[id(e) for e in next(batches)] for _ in range(n)]
+
+    def padded(batches):
+        width = {id(e): len(e.input_ids) for e in examples}
+        return sum(max(width[i] for i in b) * len(b) for b in batches)
+
+    plain, grouped = draw(False), draw(True)
+    assert sorted(sum(grouped, [])) == sorted(sum(plain, [])) == sorted(map(id, examples))  # every sample, once
+    assert padded(grouped) < 0.8 * padded(plain)
+    assert draw(True) == grouped and draw(True, start=37, n=63) == grouped[37:]  # deterministic, resumable
+    assert draw(True, start=100, n=100) != grouped  # the next epoch reshuffles

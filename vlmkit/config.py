@@ -50,6 +50,7 @@ class TrainConfig:
     max_length: int = 512
     skip_too_long: bool = False  # drop (and count) samples whose image tokens would be cut, instead of failing
     cache_features: bool = True  # cache pooled vision features while the tower is frozen
+    group_by_length: bool = False  # batches of samples of similar length: less padding, faster steps
     # optimisation
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs

@@ -218,15 +218,33 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def batches_from(examples, batch_size: int, seed: int, start: int):
-    """Endless batches in a deterministic order; `start` = number of batches already consumed."""
+def batches_from(examples, batch_size: int, seed: int, start: int, group_by_length: bool = False):
+    """Endless batches in a deterministic order; `start` = number of batches already consumed.
+
+    `group_by_length`: each run of 50 batches' worth of the shuffled samples is sorted by length and cut
+    into batches, then the epoch's batches are shuffled, so a batch pads to little more than it holds.
+    """
     per_epoch = max(1, len(examples) // batch_size)  # the ragged tail is dropped; the next epoch reshuffles
-    index = start
+    index, cached = start, (None, None)
     while True:
         epoch, k = divmod(index, per_epoch)
-        order = epoch_order(len(examples), seed, epoch)
-        yield [examples[i] for i in order[k * batch_size : (k + 1) * batch_size]]
+        if cached[0] != epoch:
+            cached = (epoch, epoch_batches(examples, batch_size, seed, epoch, per_epoch, group_by_length))
+        yield [examples[i] for i in cached[1][k]]
         index += 1
+
+
+def epoch_batches(examples, batch_size: int, seed: int, epoch: int, per_epoch: int, group_by_length: bool) -> list[list[int]]:
+    order = epoch_order(len(examples), seed, epoch)[: per_epoch * batch_size]
+    if not group_by_length:
+        return [order[k * batch_size : (k + 1) * batch_size] for k in range(per_epoch)]
+    mega = 50 * batch_size
+    grouped = []
+    for m in range(0, len(order), mega):
+        grouped += sorted(order[m : m + mega], key=lambda i: len(examples[i].input_ids), reverse=True)
+    batches = [grouped[k * batch_size : (k + 1) * batch_size] for k in range(per_epoch)]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)
+    return [batches[i] for i in torch.randperm(per_epoch, generator=g).tolist()]
 
 
 def run_eval(model, fn):
@@ -382,7 +400,7 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
         + f", {'bf16' if bf16 else 'fp32'} on {device}"
     )
     # every rank draws the same global batches and trains on its own slice of each
-    batches = batches_from(examples, cfg.batch_size * dist.world, cfg.seed, step * cfg.grad_accum)
+    batches = batches_from(examples, cfg.batch_size * dist.world, cfg.seed, step * cfg.grad_accum, cfg.group_by_length)
     mine = slice(dist.rank * cfg.batch_size, (dist.rank + 1) * cfg.batch_size)
     runner = model if fsdp else dist.wrap(model)
     train_mode(model, cfg)
