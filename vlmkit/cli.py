@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--questions", type=int, default=1, help="questions per image (multi-turn)")
     q.add_argument("--question-first", action="store_true",
-                   help="put the first question before the image, as the quickstart does")
+                   help="put the first question before the image (by default, as in the quickstart, the image comes first)")
     q.set_defaults(func=cmd_data_shapes)
 
     p = sub.add_parser("inspect", help="components, parameter counts, image -> tokens, chat template")
