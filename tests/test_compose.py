@@ -75,6 +75,31 @@ def test_image_positions_tell_the_tokens_apart_train_and_save(parts, tmp_path):
     assert torch.equal(load_model(tmp_path / "m")[0].projector.position, position)
 
 
+@pytest.mark.parametrize("lm", ["llama", "gpt2"])
+def test_column_words_lay_each_image_out_by_column(parts, lm, tmp_path):
+    model, processor = compose(vision=parts["clip"], llm=parts[lm], image_tokens=4, column_words=True)
+    ids, labels = processor.render(MESSAGES, add_generation_prompt=True)
+    tok = processor.tokenizer
+    left, right, img = tok.encode(" left", add_special_tokens=False), tok.encode(" right", add_special_tokens=False), processor.image_token_id
+    piece = left + [img, img] + right + [img, img]
+    assert any(ids[k : k + len(piece)] == piece for k in range(len(ids)))  # " left" TL BL " right" TR BR
+    text = processor.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[image()], text=text)
+    assert inputs["input_ids"][0].tolist() == ids  # generation's path gives the training path's tokens
+    features = torch.randn(2, 2, 2, model.config.vision_hidden_size)
+    by_column = model.project(features)
+    model.config.image_column_major = False
+    by_row = model.project(features)
+    model.config.image_column_major = True
+    assert torch.equal(by_column, by_row[:, [0, 2, 1, 3]])  # each column's cells follow its word
+    roundtrip(model, processor, tmp_path)
+    model2, processor2 = load_model(tmp_path / "m")
+    assert processor2.column_words == [" left", " right"] and model2.config.image_column_major
+    assert compose(vision=parts["clip"], llm=parts[lm], image_tokens=9, column_words=True)[1].column_words[1] == " middle"
+    with pytest.raises(VlmkitError, match="2x2 or 3x3"):
+        compose(vision=parts["clip"], llm=parts[lm], image_tokens=16, column_words=True)
+
+
 def test_image_tokens_must_match_images(parts):
     model, processor = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
     text = processor.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)

@@ -150,6 +150,7 @@ def test_tokenizer_that_adds_bos_is_exported_without(parts, photo, tmp_path):
         ({"image_tokens": 4}, "image_tokens=16"),  # vlmkit would pool 4x4 patches to 2x2
         ({"image_tokens": 4, "projector": "pixel_shuffle"}, "projector=mlp or projector=linear"),
         ({"image_tokens": 16, "image_positions": True}, "image_positions=false"),
+        ({"image_tokens": 4, "column_words": True}, "column_words=false"),
     ],
 )
 def test_refuses_what_llava_cannot_express(parts, tmp_path, kwargs, why):

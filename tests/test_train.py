@@ -1,6 +1,8 @@
 """Training on tiny random parts: loss falls, resume is exact, the saved model reloads identically."""
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from vlmkit.config import load_config
 from vlmkit.data.collate import tokenize_samples
 from vlmkit.data.images import load_image
 from vlmkit.data.processor import IGNORE_INDEX
-from vlmkit.data.schema import load_samples
+from vlmkit.data.schema import Sample, load_samples
 from vlmkit.errors import VlmkitError
 from vlmkit.model.build import compose, load_model
 from vlmkit.train.loop import train
@@ -96,6 +98,20 @@ def test_too_long_sample_is_an_error_naming_the_line(parts, shapes):
     assert examples == [] and skipped == len(samples)
 
 
+def test_untrained_tail_is_cut_but_never_an_image(parts):
+    _, processor = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
+    qa = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}, {"role": "assistant", "content": "red"}]
+    for messages, images in ((qa, ("a.png",)), (qa + [{"role": "user", "content": [{"type": "image"}]}], ("a.png", "b.png"))):
+        ids, labels = processor.render(messages)
+        sample = Sample(messages, tuple(Path(p) for p in images), "x.jsonl", 1)
+        (example,), _ = tokenize_samples([sample], processor, max_length=512)
+        n = len(example.input_ids)
+        assert ids[:n] == example.input_ids and labels[:n] == example.labels and n < len(ids)
+        assert all(label == IGNORE_INDEX for label in labels[n:])  # only untrained tokens were cut
+        assert example.labels[-1] != IGNORE_INDEX or example.input_ids[-1] == processor.image_token_id
+        assert example.input_ids.count(processor.image_token_id) == 4 * len(images)
+
+
 def test_labels_cover_exactly_the_assistant_tokens(parts):
     _, processor = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
     messages = [
@@ -158,3 +174,63 @@ def test_group_by_length_pads_less_and_covers_each_epoch_once():
     assert padded(grouped) < 0.8 * padded(plain)
     assert draw(True) == grouped and draw(True, start=37, n=63) == grouped[37:]  # deterministic, resumable
     assert draw(True, start=100, n=100) != grouped  # the next epoch reshuffles
+
+
+@pytest.mark.parametrize("projector", ["linear", "ln_mlp", "pixel_shuffle"])
+def test_projector_head_fit_solves_the_regression(parts, projector):
+    model, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4, projector=projector)
+    side = 2 * model.projector.pool_factor
+    features = torch.randn(300, 1, 1, model.feature_mean.shape[0]).expand(-1, side, side, -1)  # cells alike
+    with torch.no_grad():  # targets the head can reach exactly: a linear map of (every) token's head input
+        inputs = model.projector.head_input(model.standardize(features))[:, 0]
+    targets = inputs @ torch.randn(inputs.shape[1], model.config.text_config.hidden_size)
+    if model.projector.head.bias is not None:
+        targets += 0.5
+    r2 = model.fit_projector_head(features, targets, ridge=1e-6)
+    assert r2 > 0.999
+    with torch.no_grad():
+        out = model.projector(model.standardize(features))  # (N, 4, H): each token at its image's target
+    assert torch.allclose(out, targets[:, None].expand_as(out), atol=1e-3 * targets.abs().max())
+
+
+def test_reply_targets_weigh_words_by_rarity(parts):
+    from vlmkit.data.collate import Example
+    from vlmkit.train.loop import reply_targets
+
+    model, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
+    end, x = 2, IGNORE_INDEX
+    examples = [  # prompt token 9 is untrained; the end token closes every reply
+        Example([9, 5, 7, end], [x, 5, 7, end], ("a.png",), "d:1"),
+        Example([9, 6, 7, end], [x, 6, 7, end], ("b.png",), "d:2"),
+        Example([9, 5, 8, end], [x, 5, 8, end], ("c.png",), "d:3"),
+        Example([9, 4, end], [x, 4, end], ("a.png", "b.png"), "d:4"),  # two images: whose words? left out
+    ]
+    paths, targets = reply_targets(model, examples)
+    table = model.get_input_embeddings().weight.detach()
+    rare, common = math.log(3), math.log(3 / 2)  # in one image's replies of three, or in two
+    assert paths == ["a.png", "b.png", "c.png"]
+    assert torch.allclose(targets[0], (common * table[5] + common * table[7]) / (2 * common), atol=1e-6)
+    assert torch.allclose(targets[1], (rare * table[6] + common * table[7]) / (rare + common), atol=1e-6)
+
+
+def test_projector_init_text_starts_image_tokens_near_their_words(parts, shapes, tmp_path):
+    from vlmkit.train.loop import reply_targets
+
+    cfg = tiny_config(parts, shapes, tmp_path / "run", "projector_init=text", "max_steps=1", "projector_lr=0", "lr=0")
+    model, processor = load_model(train(cfg)["model"])
+    examples, _ = tokenize_samples(load_samples(shapes[0]), processor, 512)
+    paths, targets = reply_targets(model, examples)
+    with torch.no_grad():
+        pixels = processor.pixel_values([load_image(p) for p in paths])
+        tokens = model.get_image_features(pixels).mean(1)  # (N, H)
+    similarity = torch.nn.functional.cosine_similarity(tokens[:, None], targets[None], dim=-1)  # (N, N)
+    own = similarity.diagonal()
+    others = (similarity.sum(1) - own) / (len(paths) - 1)
+    assert (own > others).float().mean() > 0.9  # each image's tokens lean to its own replies' words
+
+
+def test_projector_init_is_checked(parts, shapes, tmp_path):
+    with pytest.raises(VlmkitError, match="projector_init"):
+        tiny_config(parts, shapes, tmp_path / "a", "projector_init=words")
+    with pytest.raises(VlmkitError, match="projector_init"):
+        tiny_config(parts, shapes, tmp_path / "b", "projector_init=text", f"model={tmp_path}")

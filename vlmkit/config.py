@@ -17,6 +17,7 @@ import yaml
 from vlmkit.errors import VlmkitError
 
 STAGES = ("align", "sft")
+PROJECTOR_INITS = ("random", "text")
 PRECISIONS = ("auto", "fp32", "bf16")
 METHODS = ("full", "lora", "qlora", "dpo")
 
@@ -33,6 +34,8 @@ class TrainConfig:
     image_tokens: int = 9  # tokens per image (a square number)
     image_positions: bool = False  # a learned embedding per image-token position (a CNN's features carry little)
     position_words: bool = False  # those embeddings start as the LM's words " left" ... " right", by grid column
+    column_words: bool = False  # lay each image out column by column, each column after its word (" left", " right")
+    projector_init: str = "random"  # random | text: image tokens start at the words the replies say about them
     image_size: int | None = None  # input resolution of the tower; None = the tower's default
     stage: str = "sft"  # align: projector only; sft: projector + LM (full or LoRA)
     train_vision: bool = False
@@ -84,6 +87,15 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length"):
             if getattr(self, name) < 1:
                 raise VlmkitError(f"config field `{name}` must be >= 1 (got {getattr(self, name)})")
+        if self.projector_init not in PROJECTOR_INITS:
+            raise VlmkitError(
+                f"config field `projector_init`: {self.projector_init!r} is not one of {', '.join(PROJECTOR_INITS)}"
+            )
+        if self.projector_init != "random" and (self.model or self.method == "dpo"):
+            raise VlmkitError(
+                "config field `projector_init` starts a new projector from supervised replies; it cannot apply to "
+                "`model` (a trained one) or to method=dpo"
+            )
         if self.position_words and not self.image_positions:
             raise VlmkitError("config field `position_words` needs `image_positions=true` (the embeddings it starts)")
         if self.max_steps <= 0 and self.epochs <= 0:

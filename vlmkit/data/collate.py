@@ -2,7 +2,9 @@
 
 `tokenize_samples` renders every conversation once with the processor (ids + labels, images expanded)
 and enforces the max length: a sample whose image tokens would be cut is an error naming its file and
-line, or, with `skip_too_long`, dropped and counted. Text-only overflow past the last image is cut.
+line, or, with `skip_too_long`, dropped and counted. Text-only overflow past the last image is cut, and so
+are untrained tokens at the end (the chat template's closing newline): under causal attention they cannot
+change the loss, only the cost of a step.
 `collate` right-pads ids with the pad token and labels with -100, and stacks either pixel values or
 cached image features in order of appearance (the order the model's masked_scatter fills them).
 """
@@ -48,6 +50,8 @@ def tokenize_samples(samples: list[Sample], processor, max_length: int, skip_too
                 skipped += 1
                 continue
             raise VlmkitError(f"{sample.where}: no assistant tokens left to train on within max_length={max_length}")
+        end = 1 + max(i for i, t in enumerate(ids) if labels[i] != IGNORE_INDEX or t == image_id)
+        ids, labels = ids[:end], labels[:end]
         examples.append(Example(ids, labels, tuple(str(p) for p in sample.images), sample.where))
     return examples, skipped
 

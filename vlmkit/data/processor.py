@@ -1,7 +1,9 @@
 """The processor: chat messages + images -> input_ids, pixel_values, labels.
 
 This is the ONE place where an image becomes tokens: each image part of a conversation turns into
-`image_seq_len` copies of the image token. It follows transformers' `ProcessorMixin`
+`image_seq_len` copies of the image token, or, with `column_words` (one word per column of the image's
+token grid, e.g. " left" and " right"), into each column's word followed by that column's image tokens
+(the model then emits its tokens column by column, see `VlmkitConfig.image_column_major`). It follows transformers' `ProcessorMixin`
 (`apply_chat_template`, `__call__(images=..., text=...)`, `save_pretrained`/`from_pretrained`), and adds
 `render`, which builds (input_ids, labels) token by token while walking the conversation, so the loss
 mask is exact by construction: only assistant content and the assistant's end-of-turn token are
@@ -48,8 +50,17 @@ def ensure_special_tokens(tokenizer) -> bool:
 class VlmkitProcessor(ProcessorMixin):
     """Image processor + tokenizer + chat template for composed vlmkit models."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_len: int = 9, **kwargs):
+    def __init__(
+        self, image_processor=None, tokenizer=None, chat_template=None, image_seq_len: int = 9,
+        column_words: list[str] | None = None, **kwargs,
+    ):
         self.image_seq_len = image_seq_len
+        self.column_words = list(column_words) if column_words else None
+        if self.column_words and image_seq_len != len(self.column_words) ** 2:
+            raise VlmkitError(
+                f"column_words: {len(self.column_words)} words for {image_seq_len} image tokens; "
+                "give one word per column of the square grid"
+            )
         self.image_token = IMAGE_TOKEN
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
 
@@ -74,7 +85,7 @@ class VlmkitProcessor(ProcessorMixin):
         """Messages (content: str or list of parts) -> (input_ids, labels), images expanded."""
         ids: list[int] = []
         labels: list[int] = []
-        image_ids = [self.image_token_id] * self.image_seq_len
+        image_ids = self._encode(self.expand_image_tokens(IMAGE_TOKEN))
 
         def add(piece: list[int], train: bool) -> None:
             ids.extend(piece)
@@ -97,7 +108,11 @@ class VlmkitProcessor(ProcessorMixin):
 
     # -- the transformers interface --------------------------------------------------------------
     def expand_image_tokens(self, text: str) -> str:
-        return text.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.image_seq_len)
+        """Each `<image>` marker -> the text one image becomes (its image tokens, and column words)."""
+        if not self.column_words:
+            return text.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.image_seq_len)
+        per_column = IMAGE_TOKEN * len(self.column_words)  # a square grid: as many rows as columns
+        return text.replace(IMAGE_TOKEN, "".join(word + per_column for word in self.column_words))
 
     def __call__(self, images=None, text=None, padding: bool = True, return_tensors: str = "pt", **kwargs):
         """`text` holds one `<image>` per image (as `apply_chat_template` writes it); images are given in

@@ -131,11 +131,13 @@ def _prompt_path(processor, prompt: str) -> list[str]:
         + ("agree" if list(via_template) == ids else f"DISAGREE ({len(via_template)} tokens from the template)")
     ]
     tokens = processor.tokenizer.convert_ids_to_tokens(ids[:FIRST_TOKENS + n])
-    collapsed: list[str] = []
-    for token in tokens:
-        if token == IMAGE_TOKEN and collapsed and collapsed[-1].startswith("<image x"):
+    collapsed: list[str] = []  # each run of image tokens as one <image xK>
+    run = 0
+    for k, token in enumerate(tokens):
+        run = run + 1 if token == IMAGE_TOKEN else 0
+        if token == IMAGE_TOKEN and k + 1 < len(tokens) and tokens[k + 1] == IMAGE_TOKEN:
             continue
-        collapsed.append(f"<image x{n}>" if token == IMAGE_TOKEN else repr(token))
+        collapsed.append(f"<image x{run}>" if token == IMAGE_TOKEN else repr(token))
     lines += ["  first tokens: " + " ".join(collapsed[:FIRST_TOKENS])]
     return lines
 

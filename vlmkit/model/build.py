@@ -80,10 +80,16 @@ def compose(
     vision_feature_layer: int = -2,
     norm_image_embeds: bool = False,
     image_positions: bool = False,
+    column_words: bool = False,
     seed: int = 0,
 ):
-    """A new VLM from pretrained parts and a fresh projector: returns (model, processor)."""
+    """A new VLM from pretrained parts and a fresh projector: returns (model, processor).
+
+    `column_words`: each image is laid out column by column, each column after the LM's word for it
+    (" left", " right"; " left", " middle", " right" for a 3x3 grid), as SmolVLM's processor writes
+    `<row_1_col_1>` before each tile, but in words the LM already knows."""
     from vlmkit.data.processor import VlmkitProcessor, ensure_special_tokens
+    from vlmkit.model.projector import grid_side
     from vlmkit.model.vision import load_vision
     from vlmkit.model.vlm import VlmkitConfig, VlmkitForConditionalGeneration
 
@@ -99,6 +105,7 @@ def compose(
         projector=projector,
         image_tokens=image_tokens,
         image_positions=image_positions,
+        image_column_major=column_words,
         pixel_shuffle_factor=pixel_shuffle_factor,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_hidden_size=tower.hidden_size,
@@ -112,8 +119,17 @@ def compose(
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
     model.eval()
-    processor = VlmkitProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_tokens)
+    words = grid_column_words(grid_side(image_tokens)) if column_words else None
+    processor = VlmkitProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_tokens, column_words=words)
     return model, processor
+
+
+def grid_column_words(side: int) -> list[str]:
+    """The words that introduce the columns of a side x side grid of image tokens."""
+    words = {2: [" left", " right"], 3: [" left", " middle", " right"]}
+    if side not in words:
+        raise VlmkitError(f"column_words needs a 2x2 or 3x3 grid of image tokens (image_tokens=4 or 9), not {side}x{side}")
+    return words[side]
 
 
 def is_vlmkit_dir(path: str | Path) -> bool:

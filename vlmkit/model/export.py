@@ -65,6 +65,11 @@ def check_llava_exportable(config) -> None:
             "cannot export to Llava: the model adds a learned position embedding to its image tokens, which "
             "Llava's projector has no place for; train it with image_positions=false to export"
         )
+    if getattr(config, "image_column_major", False):
+        raise VlmkitError(
+            "cannot export to Llava: the model lays out each image column by column after column words, "
+            "which Llava's processor does not write; train it with column_words=false to export"
+        )
     if getattr(config, "image_embed_norm", 0.0) > 0:
         raise VlmkitError(
             "cannot export to Llava: the model rescales image embeddings (norm_image_embeds), which Llava "

@@ -31,27 +31,45 @@ def grid_side(image_tokens: int) -> int:
     return side
 
 
-class LinearProjector(nn.Module):
-    pool_factor = 1
+class Projector(nn.Module):
+    """A connector ends in one Linear, `head`; `head_input` is what it reads. Split so that the head
+    can be fitted in closed form (`VlmkitForConditionalGeneration.fit_projector_head`)."""
 
+    pool_factor = 1
+    head: nn.Linear
+
+    def head_input(self, grid: torch.Tensor) -> torch.Tensor:  # (B, g, g, D) -> (B, g*g, F)
+        raise NotImplementedError
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:  # (B, g, g, D) -> (B, g*g, H)
+        return self.head(self.head_input(grid))
+
+
+class LinearProjector(Projector):
     def __init__(self, in_dim: int, out_dim: int, shuffle: int = 1):
         super().__init__()
         self.proj = nn.Linear(in_dim, out_dim)
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:  # (B, g, g, D) -> (B, g*g, H)
-        return self.proj(grid.flatten(1, 2))
+    @property
+    def head(self) -> nn.Linear:
+        return self.proj
+
+    def head_input(self, grid: torch.Tensor) -> torch.Tensor:
+        return grid.flatten(1, 2)
 
 
-class MLPProjector(nn.Module):
-    pool_factor = 1
-
+class MLPProjector(Projector):
     def __init__(self, in_dim: int, out_dim: int, shuffle: int = 1):
         super().__init__()
         self.fc1 = nn.Linear(in_dim, out_dim)
         self.fc2 = nn.Linear(out_dim, out_dim)
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(grid.flatten(1, 2))))
+    @property
+    def head(self) -> nn.Linear:
+        return self.fc2
+
+    def head_input(self, grid: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.fc1(grid.flatten(1, 2)))
 
 
 class LayerNormMLPProjector(MLPProjector):
@@ -59,11 +77,11 @@ class LayerNormMLPProjector(MLPProjector):
         super().__init__(in_dim, out_dim)
         self.norm = nn.LayerNorm(in_dim)
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.norm(grid))
+    def head_input(self, grid: torch.Tensor) -> torch.Tensor:
+        return super().head_input(self.norm(grid))
 
 
-class PixelShuffleProjector(nn.Module):
+class PixelShuffleProjector(Projector):
     """Trade spatial resolution for channels: (B, g*r, g*r, D) -> (B, g*g, D*r*r) -> Linear."""
 
     def __init__(self, in_dim: int, out_dim: int, shuffle: int = 2):
@@ -71,11 +89,15 @@ class PixelShuffleProjector(nn.Module):
         self.pool_factor = shuffle
         self.proj = nn.Linear(in_dim * shuffle * shuffle, out_dim, bias=False)
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+    @property
+    def head(self) -> nn.Linear:
+        return self.proj
+
+    def head_input(self, grid: torch.Tensor) -> torch.Tensor:
         b, h, w, d = grid.shape
         r = self.pool_factor
         x = grid.reshape(b, h // r, r, w // r, r, d).permute(0, 1, 3, 2, 4, 5)  # (B, g, g, r, r, D)
-        return self.proj(x.reshape(b, (h // r) * (w // r), r * r * d))
+        return x.reshape(b, (h // r) * (w // r), r * r * d)
 
 
 PROJECTORS.register("linear", LinearProjector)

@@ -45,6 +45,7 @@ class VlmkitConfig(PreTrainedConfig):
     vision_hidden_size: int = 0
     image_embed_norm: float = 0.0  # > 0: every image embedding is rescaled to this L2 norm (see `project`)
     image_positions: bool = False  # a learned embedding per image-token position, added after the projector
+    image_column_major: bool = False  # emit an image's tokens column by column (the processor's column words)
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -131,6 +132,9 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
             embeds = embeds + self.projector.position
         if self.config.image_embed_norm > 0:
             embeds = nn.functional.normalize(embeds, dim=-1) * self.config.image_embed_norm
+        if self.config.image_column_major:  # the grid is row-major; the processor lays it out by column
+            side = grid_side(self.config.image_tokens)
+            embeds = embeds[:, [row * side + col for col in range(side) for row in range(side)]]
         return embeds
 
     def standardize(self, features: torch.Tensor) -> torch.Tensor:
@@ -163,6 +167,28 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
         columns = torch.arange(self.config.image_tokens) % side  # row-major grid: token i is in column i % side
         words = column_words[columns].to(self.projector.position)
         self.projector.position.copy_(words / words.norm(dim=-1, keepdim=True) * scale)
+
+    @torch.no_grad()
+    def fit_projector_head(self, features: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-3) -> float:
+        """Set the projector's last Linear so that every token of image i predicts `targets[i]` (an LM
+        embedding), by ridge regression on `features` (N, g, g, D): closed form, one solve. Returns the
+        fit's R^2 on these features. `ridge` is relative to the mean diagonal of the Gram matrix."""
+        head = self.projector.head
+        x = self.projector.head_input(self.standardize(features)).float()  # (N, T, F)
+        n, tokens, width = x.shape
+        x = x.reshape(n * tokens, width)
+        y = targets.to(x).repeat_interleave(tokens, dim=0)
+        x_mean = x.mean(0) if head.bias is not None else x.new_zeros(width)
+        y_mean = y.mean(0) if head.bias is not None else y.new_zeros(y.shape[1])
+        xc, yc = x - x_mean, y - y_mean
+        gram = xc.T @ xc
+        gram.diagonal().add_(ridge * gram.diagonal().mean().clamp_min(1e-12))
+        weight = torch.linalg.solve(gram, xc.T @ yc)  # (F, H)
+        head.weight.copy_(weight.T)
+        if head.bias is not None:
+            head.bias.copy_(y_mean - x_mean @ weight)
+        residual = ((xc @ weight - yc) ** 2).sum()
+        return float(1 - residual / (yc**2).sum().clamp_min(1e-12))
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         return self.project(self.encode_images(pixel_values))

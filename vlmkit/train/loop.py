@@ -19,6 +19,7 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from vlmkit.config import TrainConfig, atomic_write_text
 from vlmkit.data.images import load_image
+from vlmkit.data.processor import IGNORE_INDEX
 from vlmkit.errors import VlmkitError
 from vlmkit.infer.families import family_of
 from vlmkit.train.checkpoint import load_checkpoint, save_checkpoint, save_model_atomic
@@ -87,6 +89,7 @@ def build_model(cfg: TrainConfig):
         image_size=cfg.image_size,
         norm_image_embeds=cfg.norm_image_embeds,
         image_positions=cfg.image_positions,
+        column_words=cfg.column_words,
         seed=cfg.seed,
     )
 
@@ -198,6 +201,17 @@ def column_words(model, tokenizer, side: int) -> torch.Tensor:
     return torch.stack([left + (right - left) * c / (side - 1) for c in range(side)])
 
 
+def features_for(model, images: ImageSource, paths: list[str], chunk: int = 256) -> torch.Tensor:
+    """Pooled tower features (N, g, g, D) for `paths`: from the cache, or through the tower."""
+    parts = []
+    with torch.no_grad():
+        for k in range(0, len(paths), chunk):
+            batch = images(paths[k : k + chunk])
+            features = batch.get("image_features")
+            parts.append(model.encode_images(batch["pixel_values"]) if features is None else features)
+    return torch.cat(parts).float()
+
+
 def start_positions_at_words(model, tokenizer, images: ImageSource, paths: list[str], sample: int = 256) -> None:
     """`position_words`: the image-position embeddings start at the column words, at the norm of the
     projector's output on (up to `sample` of) the training images."""
@@ -205,12 +219,41 @@ def start_positions_at_words(model, tokenizer, images: ImageSource, paths: list[
 
     if not hasattr(model, "set_position_words"):
         raise VlmkitError(f"position_words: {type(model).__name__} has no image-position embeddings to start")
-    with torch.no_grad():
-        batch = images(paths[:sample])
-        features = batch.get("image_features")
-        if features is None:
-            features = model.encode_images(batch["pixel_values"])
-        model.set_position_words(column_words(model, tokenizer, grid_side(model.config.image_tokens)), features.float())
+    side = grid_side(model.config.image_tokens)
+    model.set_position_words(column_words(model, tokenizer, side), features_for(model, images, paths[:sample]))
+
+
+def reply_targets(model, examples) -> tuple[list[str], torch.Tensor]:
+    """For each training image, the mean input embedding of the tokens the replies about it are trained
+    on, each token weighted by its rarity (inverse document frequency over images), so that words said
+    about every image ("a", the end-of-turn token) weigh nothing and the words that tell images apart
+    ("red", "circle") weigh most. Samples with several images are left out (whose words are
+    whose is unknown). Returns (image paths, (N, H) targets)."""
+    said: dict[str, list[int]] = {}
+    for e in examples:
+        if len(e.images) == 1:
+            said.setdefault(e.images[0], []).extend(t for t, label in zip(e.input_ids, e.labels) if label != IGNORE_INDEX)
+    counts = Counter(t for tokens in said.values() for t in set(tokens))
+    idf = {t: math.log(len(said) / c) for t, c in counts.items()}
+    table = model.get_input_embeddings().weight.detach().float()
+    paths, targets = [], []
+    for path, tokens in said.items():
+        weights = torch.tensor([idf[t] for t in tokens])
+        if weights.sum() > 0:
+            paths.append(path)
+            targets.append((weights[:, None] * table[torch.tensor(tokens)].cpu()).sum(0) / weights.sum())
+    return paths, torch.stack(targets) if targets else torch.zeros(0, table.shape[1])
+
+
+def start_projector_at_text(model, examples, images: ImageSource) -> float:
+    """`projector_init=text`: fit the projector's last layer (ridge regression, one solve) so that each
+    image's tokens predict the words its replies say (`reply_targets`). Returns the fit's R^2."""
+    if not hasattr(model, "fit_projector_head"):
+        raise VlmkitError(f"projector_init=text: {type(model).__name__} is not a composed vlmkit model")
+    paths, targets = reply_targets(model, examples)
+    if len(paths) < 2:
+        raise VlmkitError("projector_init=text needs trained replies about at least 2 single-image samples")
+    return model.fit_projector_head(features_for(model, images, paths), targets)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -354,6 +397,9 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
     train_paths = list(dict.fromkeys(p for e in examples for p in e.images))
     if cache and cfg.standardize_features and not cfg.model:
         model.set_feature_stats(torch.stack([images.cache[p] for p in train_paths]))
+    if cfg.projector_init == "text" and not cfg.model:
+        r2 = start_projector_at_text(model, examples, images)
+        say(f"projector_init=text: image tokens start at the words of their replies (fit R^2 {r2:.2f})")
     if cfg.position_words and not cfg.model and train_paths:
         start_positions_at_words(model, processor.tokenizer, images, train_paths)
 
