@@ -20,7 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The recipe before this one: projector-only training on 9 pooled tokens of a 224 px input.
 BASELINE = [
     "stage=align", "method=full", "image_tokens=9", "image_size=224", "image_positions=false", "position_words=false",
-    "group_by_length=false", "batch_size=8",
+    "group_by_length=false", "projector_init=random", "column_words=false",
+    "batch_size=8",
     "lr=1e-4", "epochs=1.6",
 ]
 

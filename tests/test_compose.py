@@ -95,6 +95,10 @@ def test_column_words_lay_each_image_out_by_column(parts, lm, tmp_path):
     roundtrip(model, processor, tmp_path)
     model2, processor2 = load_model(tmp_path / "m")
     assert processor2.column_words == [" left", " right"] and model2.config.image_column_major
+    from vlmkit.infer.inspect import inspect_model
+
+    report = inspect_model(str(tmp_path / "m"))
+    assert "column by column" in report and "<image x2>" in report and "template and render agree" in report
     assert compose(vision=parts["clip"], llm=parts[lm], image_tokens=9, column_words=True)[1].column_words[1] == " middle"
     with pytest.raises(VlmkitError, match="2x2 or 3x3"):
         compose(vision=parts["clip"], llm=parts[lm], image_tokens=16, column_words=True)

@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/quickstart", help="run folder (default runs/quickstart)")
     p.add_argument("--minutes", type=float, default=None,
                    help="training budget in minutes on 2 CPU cores, scaling the number of steps (default 10: 750 "
-                   "steps of 4; 20 trains 1,500 steps and measured 0.875 held-out exact match)")
+                   "steps of 4, measured 0.945 held-out exact match in 9.4 minutes; 5 trains 375 steps)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides, as for `vlmkit train`")
     p.set_defaults(func=cmd_quickstart)
 

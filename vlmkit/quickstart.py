@@ -6,8 +6,9 @@
 4. Saves the model (`DIR/model`), the report (`DIR/eval.json`, as `vlmkit eval` writes it), the loss
    curves (`DIR/loss.png`, TensorBoard logs in `DIR/logs`) and prints a summary.
 
-The recipe (RECIPE below) is the best measured so far, not yet at the >= 0.9 target: the README's
-Benchmarks section records what was measured; bench/quickstart.py measures it again.
+The recipe (RECIPE below) meets the target (>= 0.9 held-out exact match with under 10 minutes of
+training on 2 CPU cores: 0.945 in 9.4 minutes); the README's Benchmarks section records what was
+measured, and bench/quickstart.py measures it again.
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ from vlmkit.data.shapes import make_shapes_dataset
 RECIPE = {
     "stage": "sft",
     "method": "lora",  # LoRA r16 on the LM beside the projector: as fast a step as projector-only (0.78 vs 0.71)
+    "lora_targets": "q_proj,k_proj,v_proj,o_proj",  # attention only: 12-20% faster steps than every projection, 0.965 either way
     "lr": 5e-4,  # LoRA; 1e-3 was worse
     "projector_lr": 1e-3,
     "image_tokens": 4,  # a 2x2 grid: one column per half of the scene, and shorter samples than 9 tokens
     "image_size": 192,  # a 6x6 feature grid, which pools evenly to 2x2
     "image_positions": True,  # a learned embedding per image-token position: the CNN's features carry little
     "position_words": True,  # ...starting at the LM's " left" / " right" for the two grid columns
+    "column_words": True,  # each image column after the word " left" / " right" (0.82 -> 0.93, side 0.47 -> 0.76)
+    "projector_init": "text",  # image tokens start at the words said about their image (with both: 0.965)
     "batch_size": 4,  # 0.72 s a step against 1.1 for 8: more steps in the same minutes
     "group_by_length": True,  # captions beside one-word answers: 14% fewer (padding) tokens a step
-    "epochs": 1.5,  # 750 steps
+    "epochs": 1.5,  # 750 steps (with LoRA on every projection they took 10.3 minutes on the bench)
     "warmup_ratio": 0.05,
     "save_every": 50,
 }
@@ -122,6 +126,6 @@ def print_summary(result: dict, test_file: Path, out: Path) -> None:
         f"  vlmkit eval --model {result['model']} --data {test_file} --output {out / 'eval2.json'}",
         f"  vlmkit inspect {result['model']}",
         f"  vlmkit chat --model {result['model']}",
-        f"  vlmkit quickstart --minutes 20 --output {out}-20min   # twice the training (README: Benchmarks)",
+        f"  vlmkit quickstart --minutes 20 --output {out}-20min   # twice the steps",
     ]
     print("\n".join(lines), file=sys.stdout)

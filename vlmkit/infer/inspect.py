@@ -112,6 +112,8 @@ def _image_path(model, processor, picture: Image.Image | None) -> list[str]:
         f"  projected        {_shape(embeds)}  ({g}x{g} = {embeds.shape[1]} tokens per image, "
         f"processor inserts {processor.image_seq_len})",
     ]
+    if getattr(processor, "column_words", None):
+        lines += [f"  layout           column by column, each after its word: {', '.join(map(repr, processor.column_words))}"]
     if picture is not None:
         lines += [f"  embedding stats  mean {embeds.mean().item():.4f}, std {embeds.std().item():.4f}"]
     return lines
