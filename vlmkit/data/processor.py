@@ -3,11 +3,11 @@
 This is the ONE place where an image becomes tokens: each image part of a conversation turns into
 `image_seq_len` copies of the image token, or, with `column_words` (one word per column of the image's
 token grid, e.g. " left" and " right"), into each column's word followed by that column's image tokens
-(the model then emits its tokens column by column, see `VlmkitConfig.image_column_major`). It follows transformers' `ProcessorMixin`
-(`apply_chat_template`, `__call__(images=..., text=...)`, `save_pretrained`/`from_pretrained`), and adds
-`render`, which builds (input_ids, labels) token by token while walking the conversation, so the loss
-mask is exact by construction: only assistant content and the assistant's end-of-turn token are
-trained (label -100 everywhere else).
+(the model then emits its tokens column by column, see `VlmkitConfig.image_column_major`). It follows
+transformers' `ProcessorMixin` (`apply_chat_template`, `__call__(images=..., text=...)`,
+`save_pretrained`/`from_pretrained`), and adds `render`, which builds (input_ids, labels) token by
+token while walking the conversation, so the loss mask is exact by construction: only assistant
+content and the assistant's end-of-turn token are trained (label -100 everywhere else).
 
 The chat format is ChatML with no default system prompt (fewer tokens per step than the LM's own
 template); the same template is stored as a jinja string so plain transformers renders it identically.

@@ -120,7 +120,9 @@ def compose(
     model.generation_config.pad_token_id = config.pad_token_id
     model.eval()
     words = grid_column_words(grid_side(image_tokens)) if column_words else None
-    processor = VlmkitProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_tokens, column_words=words)
+    processor = VlmkitProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_tokens, column_words=words
+    )
     return model, processor
 
 
