@@ -248,8 +248,8 @@ def _dpo_history(out):
 def test_dpo_full_on_a_composed_model(parts, preferences, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(None, [f"vision={parts['clip']}", f"llm={parts['llama']}", "method=dpo", "beta=0.5", "max_steps=8",
-                             "batch_size=4", "lr=1e-3", "projector_lr=1e-3", "save_every=0", "warmup_ratio=0"],
-                      data=str(preferences["chat"]), output=str(out))
+                             "batch_size=4", "lr=1e-3", "projector_lr=1e-3", "save_every=0", "warmup_ratio=0",
+                             "precision=fp32"], data=str(preferences["chat"]), output=str(out))
     train(cfg)
     history = _dpo_history(out)
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the policy starts as the reference
@@ -261,7 +261,7 @@ def test_dpo_full_on_a_composed_model(parts, preferences, tmp_path):
 
 def test_dpo_lora_on_a_pretrained_model_resumes_exactly(folders, preferences, tmp_path):
     args = [f"model={folders['qwen2_vl']}", "method=dpo", "lora_r=8", "beta=0.5", "max_steps=6", "batch_size=4",
-            "lr=3e-2", "projector_lr=3e-3", "save_every=0", "warmup_ratio=0"]
+            "lr=3e-2", "projector_lr=3e-3", "save_every=0", "warmup_ratio=0", "precision=fp32"]
     whole = train(load_config(None, args, data=str(preferences["plain"]), output=str(tmp_path / "a")))
     history = _dpo_history(tmp_path / "a")
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)

@@ -27,6 +27,11 @@ class Example:
     images: tuple  # image paths, in order of appearance
     where: str
 
+    @property
+    def length(self) -> int:
+        """Tokens in the batch row (what `group_by_length` sorts by)."""
+        return len(self.input_ids)
+
 
 def tokenize_samples(samples: list[Sample], processor, max_length: int, skip_too_long: bool = False):
     """Returns (examples, n_skipped)."""

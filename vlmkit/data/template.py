@@ -31,6 +31,10 @@ class TemplateExample:
     text: str  # the rendered conversation the processor tokenizes
     suffix: str | None = None  # PaliGemma: the answer, given to the processor as `suffix`
 
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
 
 class TemplateRenderer:
     """Conversation -> TemplateExample for one pretrained model's processor and family."""

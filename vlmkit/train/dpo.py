@@ -82,6 +82,10 @@ class PreferencePair:
     images: tuple  # image paths, in order of appearance (shared by both replies)
     where: str
 
+    @property
+    def length(self) -> int:
+        return max(len(self.chosen_ids), len(self.rejected_ids))
+
 
 # ---------------------------------------------------------------------------------------- reading
 

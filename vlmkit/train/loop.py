@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmkit.config import TrainConfig, atomic_write_text
+from vlmkit.device import resolve_device, training_precision
 from vlmkit.data.images import load_image
 from vlmkit.data.processor import IGNORE_INDEX
 from vlmkit.errors import VlmkitError
@@ -39,26 +40,6 @@ MODEL = "model"
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def resolve_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    if cfg.precision != "auto":
-        return cfg.precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return _cpu_has_bf16()
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def build_model(cfg: TrainConfig):
@@ -95,9 +76,9 @@ def build_model(cfg: TrainConfig):
 
 
 def qlora_compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """bf16 (QLoRA's choice) where the hardware runs it natively; fp32 on CPUs without bf16 units, where
-    bf16 is emulated and a 4-bit LoRA step measured 23x slower than with fp32 compute."""
-    return torch.bfloat16 if use_bf16(cfg, device) else torch.float32
+    """The run's precision (`vlmkit.device`): bf16 (QLoRA's choice) on GPUs that have it; fp32 on CPUs by
+    default, where without bf16 units a 4-bit LoRA step in emulated bf16 measured 23x slower."""
+    return training_precision(cfg.precision, device).dtype
 
 
 def plan_run(cfg: TrainConfig) -> str:
@@ -110,7 +91,7 @@ def plan_run(cfg: TrainConfig) -> str:
     method = "full" if method == "dpo" else method
     batch = cfg.batch_size * (2 if cfg.method == "dpo" else 1)  # DPO scores chosen and rejected together
     plan = estimate(
-        model, method, batch, cfg.max_length, use_bf16(cfg, device), cfg.gradient_checkpointing,
+        model, method, batch, cfg.max_length, training_precision(cfg.precision, device).bf16, cfg.gradient_checkpointing,
         lora_r=cfg.lora_r or 16, trainable_groups=("vision_tower",) if cfg.train_vision else (), lora_targets=cfg.lora_targets,
     )
     return plan.table() + f"\n(batch {cfg.batch_size}, max_length {cfg.max_length}; device {device})"
@@ -277,6 +258,18 @@ def batches_from(examples, batch_size: int, seed: int, start: int, group_by_leng
         index += 1
 
 
+def first_epoch_chunks(examples, batch_size: int, world: int, seed: int, group_by_length: bool) -> list[list]:
+    """The first epoch's micro-batches as the ranks will take them (each rank's slice of each global
+    batch, as `batches_from` draws them), then the samples that no batch of that epoch holds."""
+    per_epoch = max(1, len(examples) // (batch_size * world))
+    batches = epoch_batches(examples, batch_size * world, seed, 0, per_epoch, group_by_length)
+    slices = [b[r * batch_size : (r + 1) * batch_size] for b in batches for r in range(world)]
+    seen = {i for b in batches for i in b}
+    rest = [i for i in range(len(examples)) if i not in seen]
+    slices += [rest[k : k + batch_size] for k in range(0, len(rest), batch_size)]
+    return [[examples[i] for i in s] for s in slices if s]
+
+
 def epoch_batches(examples, batch_size: int, seed: int, epoch: int, per_epoch: int, group_by_length: bool) -> list[list[int]]:
     order = epoch_order(len(examples), seed, epoch)[: per_epoch * batch_size]
     if not group_by_length:
@@ -284,7 +277,7 @@ def epoch_batches(examples, batch_size: int, seed: int, epoch: int, per_epoch: i
     mega = 50 * batch_size
     grouped = []
     for m in range(0, len(order), mega):
-        grouped += sorted(order[m : m + mega], key=lambda i: len(examples[i].input_ids), reverse=True)
+        grouped += sorted(order[m : m + mega], key=lambda i: examples[i].length, reverse=True)
     batches = [grouped[k * batch_size : (k + 1) * batch_size] for k in range(per_epoch)]
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)
     return [batches[i] for i in torch.randperm(per_epoch, generator=g).tolist()]
@@ -352,7 +345,8 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
     say = log if dist.main else (lambda msg: None)
 
     device = dist.device()
-    bf16 = use_bf16(cfg, device)
+    precision = training_precision(cfg.precision, device)
+    bf16 = precision.bf16
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -390,8 +384,11 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
     def to_device(batch: dict) -> dict:
         return {k: to_device(v) if isinstance(v, dict) else v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
     def evaluate() -> float:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast():
             return run_eval(model, lambda: objective.eval(model, eval_examples, cfg.batch_size, to_device))
 
     train_paths = list(dict.fromkeys(p for e in examples for p in e.images))
@@ -403,11 +400,12 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
     if cfg.position_words and not cfg.model and train_paths:
         start_positions_at_words(model, processor.tokenizer, images, train_paths)
 
+    chunks = first_epoch_chunks(examples, cfg.batch_size, dist.world, cfg.seed, cfg.group_by_length)
     if dist.main:  # DPO: the starting model's reference log-probs, written once...
-        objective.prepare(model, examples, out, to_device)
+        objective.prepare(model, examples, out, to_device, chunks, autocast)
     dist.barrier()
     if not dist.main:  # ...and read by the other ranks
-        objective.prepare(model, examples, out, to_device)
+        objective.prepare(model, examples, out, to_device, chunks, autocast)
     if fsdp:
         if own and cfg.uses_lora:
             raise VlmkitError("fsdp=true with LoRA on a composed model is not supported; use DDP (fsdp=false)")
@@ -443,7 +441,7 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
         f"training {n_trainable:,} of {n_total:,} parameters ({cfg.stage}, {cfg.method}), "
         f"{len(examples)} samples, {total_steps} steps of {per_step * dist.world}"
         + (f" ({dist.world} processes x {per_step})" if dist.active else "")
-        + f", {'bf16' if bf16 else 'fp32'} on {device}"
+        + f", {precision.name} on {device} ({precision.reason})"
     )
     # every rank draws the same global batches and trains on its own slice of each
     batches = batches_from(examples, cfg.batch_size * dist.world, cfg.seed, step * cfg.grad_accum, cfg.group_by_length)
@@ -458,7 +456,7 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
         total_weight = dist.all_sum(float(sum(weights)))  # the step's labelled tokens (pairs) on all ranks
         loss_sum, metrics = 0.0, {}
         for batch, weight in zip(micro, weights):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast():
                 loss, parts = objective.loss(runner, batch)
             # a mean over this micro-batch -> its share of the step's mean (DDP divides by the world size)
             (loss * (weight * dist.world / total_weight)).backward()
@@ -532,6 +530,8 @@ def _train(cfg: TrainConfig, dist, resume: bool, stop_after: int | None, built) 
         "eval_loss": final_eval,
         "trainable_parameters": n_trainable,
         "skipped_too_long": skipped + eval_skipped,
+        "precision": precision.name,
+        "precision_reason": precision.reason,
     }
     atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
     dist.barrier()

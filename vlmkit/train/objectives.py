@@ -8,7 +8,9 @@ log). Evaluation is the mean loss over held-out examples.
 DPO's reference log-probabilities come from the starting model, computed once before the first step
 and saved in the run folder (`ref_logps.pt`): the reference costs no memory during training, stays
 exactly the starting model even though the projector trains in full beside LoRA, and a resumed run
-reuses the same values.
+reuses the same values. They are computed in the run's precision and in the micro-batches of the
+first epoch (padding and matrix shapes change low-order bits, which bf16 makes visible), so the first
+step's policy equals its reference and its loss is exactly log 2 in bf16 as in fp32.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ class TemplatePair:
     rejected: object
     images: tuple
     where: str
+
+    @property
+    def length(self) -> int:
+        return max(self.chosen.length, self.rejected.length)
 
 
 class Sft:
@@ -86,8 +92,9 @@ class Sft:
             count += int((labels[:, 1:] != IGNORE_INDEX).sum())
         return total / max(1, count)
 
-    def prepare(self, model, examples, out: Path, to_device) -> None:
-        """Work before the first step (none for SFT)."""
+    def prepare(self, model, examples, out: Path, to_device, chunks, autocast) -> None:
+        """Work before the first step (none for SFT). `chunks`: the first epoch's micro-batches, then any
+        samples no batch holds; `autocast()`: the run's precision context."""
 
 
 class Dpo(Sft):
@@ -159,8 +166,8 @@ class Dpo(Sft):
     def eval(self, model, examples, batch_size: int, to_device) -> float:
         """Mean DPO loss over held-out pairs (their reference log-probs computed on first use)."""
         missing = [e for e in examples if id(e) not in self.ref]
-        if missing:
-            self._reference(model, missing, batch_size, to_device)
+        if missing:  # evaluate() runs under the run's autocast already
+            self._reference(model, [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)], to_device)
         losses = []
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
@@ -168,7 +175,7 @@ class Dpo(Sft):
             losses += [loss.item()] * len(chunk)
         return sum(losses) / max(1, len(losses))
 
-    def prepare(self, model, examples, out: Path, to_device) -> None:
+    def prepare(self, model, examples, out: Path, to_device, chunks, autocast) -> None:
         """Reference log-probs of every training pair from the starting model; reused on resume."""
         path = out / REF_LOGPS
         if path.exists():
@@ -177,13 +184,14 @@ class Dpo(Sft):
                 raise VlmkitError(f"{path}: holds {saved.shape[0]} pairs but the data has {len(examples)}; start a new run")
             self.ref.update({id(e): (float(c), float(r)) for e, (c, r) in zip(examples, saved)})
             return
-        self._reference(model, examples, self.cfg.batch_size, to_device)
+        with autocast():
+            self._reference(model, chunks, to_device)
         values = torch.tensor([self.ref[id(e)] for e in examples])
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(values, tmp)
         tmp.replace(path)
 
-    def _reference(self, model, examples, batch_size: int, to_device) -> None:
+    def _reference(self, model, chunks, to_device) -> None:
         from tqdm.auto import tqdm
         import sys
 
@@ -192,8 +200,7 @@ class Dpo(Sft):
         was_training = model.training
         model.eval()
         saved, self.ref = self.ref, {}  # no reference keys in these batches
-        for i in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", unit="batch", file=sys.stderr):
-            chunk = examples[i : i + batch_size]
+        for chunk in tqdm(chunks, desc="reference log-probs", unit="batch", file=sys.stderr):
             batch = to_device(self.batch(chunk))
             inputs, labels = concat_pairs(batch, self.pad_id)
             logps = sequence_logps(model(**inputs).logits, labels).float().cpu()

@@ -1,0 +1,109 @@
+"""Training precision on CPU: step time and held-out accuracy of the quickstart in fp32 and bf16.
+
+Two measurements, both on the quickstart's data and recipe (`vlmkit/quickstart.py`):
+
+- `--speed`: the training step time in each precision, measured in one process and alternated
+  (fp32, bf16, fp32, bf16, ...) so the machine's drift hits both alike; prints the seconds per step of
+  each round and the ratio of the medians. On a CPU without bf16 units bf16 is emulated (slow).
+- `--accuracy`: the whole quickstart (same steps) for each precision and seed; prints a table and the
+  minimum and mean held-out exact match per precision.
+
+    python bench/precision.py --speed [--steps 40] [--rounds 3]
+    python bench/precision.py --accuracy [--seeds 0 1 2] [--precisions fp32 bf16] [--output runs/bench-precision]
+
+The figures behind `precision=auto`'s choice are in docs/precision.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def cpu_flags() -> str:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "unknown"
+    return ", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or "no bf16 units"
+
+
+def speed(steps: int, rounds: int) -> None:
+    from vlmkit.config import load_config
+    from vlmkit.quickstart import RECIPE, make_data
+    from vlmkit.train.loop import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train_file, _ = make_data(Path(tmp) / "data", train_images=max(200, 4 * steps), test_images=8)
+        times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+        for r in range(rounds):
+            for precision in PRECISIONS:
+                keys = [f"{k}={v}" for k, v in RECIPE.items()] + [f"precision={precision}", f"max_steps={steps}", "save_every=0"]
+                cfg = load_config(None, keys, data=str(train_file), output=f"{tmp}/run-{precision}-{r}")
+                summary = train(cfg)
+                times[precision].append(summary["train_seconds"] / steps)
+                print(f"round {r + 1}: {precision} {times[precision][-1]:.3f} s/step", flush=True)
+    print(f"\n| precision | s/step per round | median |\n|---|---|---|")
+    for precision, values in times.items():
+        print(f"| {precision} | {' / '.join(f'{v:.3f}' for v in values)} | {statistics.median(values):.3f} |")
+    ratio = statistics.median(times["fp32"]) / statistics.median(times["bf16"])
+    print(f"\nbf16 step speed-up over fp32: {ratio:.2f}x ({steps} steps of {RECIPE['batch_size']}, {rounds} rounds)")
+
+
+def accuracy(seeds: list[int], precisions: list[str], output: str) -> None:
+    from vlmkit.quickstart import quickstart
+
+    rows = []
+    for seed in seeds:
+        for precision in precisions:
+            folder = Path(output) / f"{precision}-seed{seed}"
+            done = folder / "quickstart.json"
+            result = json.loads(done.read_text()) if done.is_file() else quickstart(str(folder), overrides=[f"precision={precision}", f"seed={seed}"])
+            rows.append((precision, seed, result))
+    types = list(rows[0][2]["by_type"])
+    print(f"\n| precision | seed | train min | held-out EM | {' / '.join(types)} |\n|---|---|---|---|---|")
+    for precision, seed, r in rows:
+        by_type = " / ".join(f"{r['by_type'][t]['exact_match']:.2f}" for t in types)
+        print(f"| {precision} | {seed} | {r['train_seconds'] / 60:.1f} | {r['after']['exact_match']:.3f} | {by_type} |")
+    print()
+    for precision in precisions:
+        scores = [r["after"]["exact_match"] for p, _, r in rows if p == precision]
+        print(f"{precision}: min {min(scores):.3f}, mean {statistics.mean(scores):.3f} over seeds {seeds}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--speed", action="store_true", help="time training steps in fp32 and bf16, alternated")
+    parser.add_argument("--accuracy", action="store_true", help="run the quickstart in fp32 and bf16 for each seed")
+    parser.add_argument("--steps", type=int, default=40, help="steps per timed run (default 40)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs per precision (default 3)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                        help="--accuracy: which precisions to run (two processes can share the work; a finished run "
+                        "folder is read, not rerun)")
+    parser.add_argument("--output", default="runs/bench-precision")
+    args = parser.parse_args()
+    if not (args.speed or args.accuracy):
+        parser.error("give --speed, --accuracy or both")
+
+    import torch
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU bf16: {cpu_flags()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.speed:
+        speed(args.steps, args.rounds)
+    if args.accuracy:
+        accuracy(args.seeds, args.precisions, args.output)
+
+
+if __name__ == "__main__":
+    main()
