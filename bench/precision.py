@@ -52,7 +52,7 @@ def speed(steps: int, rounds: int) -> None:
                 summary = train(cfg)
                 times[precision].append(summary["train_seconds"] / steps)
                 print(f"round {r + 1}: {precision} {times[precision][-1]:.3f} s/step", flush=True)
-    print(f"\n| precision | s/step per round | median |\n|---|---|---|")
+    print("\n| precision | s/step per round | median |\n|---|---|---|")
     for precision, values in times.items():
         print(f"| {precision} | {' / '.join(f'{v:.3f}' for v in values)} | {statistics.median(values):.3f} |")
     ratio = statistics.median(times["fp32"]) / statistics.median(times["bf16"])

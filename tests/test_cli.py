@@ -53,7 +53,7 @@ def _row(question, answer=None, images=("red.png",)):
 @pytest.fixture(scope="module")
 def w(tmp_path_factory):
     """A folder with a saved tiny model, good and bad images, and data files."""
-    from vlmkit.model.build import compose
+    from vlmkit.build import compose
 
     root = tmp_path_factory.mktemp("cli")
     model, processor = compose(
@@ -258,12 +258,12 @@ def test_data_check_good_file_shows_trained_tokens(w, vlm, capfd):
 
 def test_data_check_default_tokenizer(w, capfd, monkeypatch):
     """Without --model the default LM's tokenizer renders the sample (no weights loaded)."""
-    import vlmkit.model.build
+    import vlmkit.build
 
     def no_weights(*args, **kwargs):
         raise AssertionError("data check loaded a model")
 
-    monkeypatch.setattr(vlmkit.model.build, "load_llm", no_weights)
+    monkeypatch.setattr(vlmkit.build, "load_llm", no_weights)
     code, out, err = run(capfd, "data", "check", w / "good.jsonl")
     assert code == 0, err
     assert "<image x9>What colour is it?" in out and "[[red<|im_end|>]]" in out

@@ -7,7 +7,7 @@ from PIL import Image
 from tiny import make_lm, make_vision
 from vlmkit.errors import VlmkitError
 from vlmkit.infer.engine import Engine
-from vlmkit.model.build import compose, load_model
+from vlmkit.build import compose, load_model
 
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}]
 
@@ -95,7 +95,7 @@ def test_column_words_lay_each_image_out_by_column(parts, lm, tmp_path):
     roundtrip(model, processor, tmp_path)
     model2, processor2 = load_model(tmp_path / "m")
     assert processor2.column_words == [" left", " right"] and model2.config.image_column_major
-    from vlmkit.infer.inspect import inspect_model
+    from vlmkit.inspect import inspect_model
 
     report = inspect_model(str(tmp_path / "m"))
     assert "column by column" in report and "<image x2>" in report and "template and render agree" in report

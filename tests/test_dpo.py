@@ -1,31 +1,20 @@
-"""DPO: the loss against its closed form, log-probs against a hand loop, preference data parsing, and
-training on a tiny composed VLM with a frozen reference copy or with LoRA's base weights as reference."""
+"""DPO: the loss against its closed form, log-probs against a hand loop, preference data parsing, pair
+tokenization, and DPO steps on a tiny composed VLM against its starting model's log-probs."""
 
-import copy
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
+from vlmkit.build import compose
+from vlmkit.data.collate import ComposedRenderer
 from vlmkit.data.images import load_image
+from vlmkit.data.preferences import collate_pairs, load_preferences, read_preferences, tokenize_pairs
 from vlmkit.data.processor import IGNORE_INDEX
 from vlmkit.errors import VlmkitError
-from vlmkit.model.build import compose
-from vlmkit.train.dpo import (
-    adapters_disabled,
-    collate_pairs,
-    concat_pairs,
-    dpo_loss,
-    dpo_step_loss,
-    load_preferences,
-    read_preferences,
-    reference_logps,
-    sequence_logps,
-    tokenize_pair,
-)
+from vlmkit.train.dpo import dpo_loss, dpo_step_loss, sequence_logps
 
 # ------------------------------------------------------------------------------------------ the maths
 
@@ -197,30 +186,30 @@ PAIRS = [
 @pytest.fixture
 def tiny(parts, images):
     model, processor = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
+    renderer = ComposedRenderer(processor)
     path = _write(images / "prefs.jsonl", [_conversational(*p) for p in PAIRS])
-    pairs = [tokenize_pair(s, processor, max_length=64) for s in load_preferences(path)]
+    pairs = tokenize_pairs(load_preferences(path), renderer, max_length=64)
 
     def pixels(paths):
         return {"pixel_values": processor.pixel_values([load_image(p) for p in paths])}
 
-    batch = collate_pairs(pairs, processor.tokenizer.pad_token_id, pixels)
+    batch = collate_pairs(pairs, renderer, pixels)
     return model, processor, pairs, batch
 
 
-def test_tokenize_pair_labels_only_the_response(tiny):
+def test_tokenize_pairs_labels_only_the_response(tiny):
     _, processor, pairs, batch = tiny
     tok = processor.tokenizer
     for pair, (_, good, bad, _) in zip(pairs, PAIRS):
-        assert tok.decode([i for i, l in zip(pair.chosen_ids, pair.chosen_labels) if l != IGNORE_INDEX]) == good + "<|im_end|>"
-        assert tok.decode([i for i, l in zip(pair.rejected_ids, pair.rejected_labels) if l != IGNORE_INDEX]) == bad + "<|im_end|>"
-        assert pair.chosen_ids.count(processor.image_token_id) == 4
-    assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape
-    assert batch["pixel_values"].shape[0] == len(PAIRS)  # images once per pair
-    inputs, labels = concat_pairs(batch)
-    assert inputs["input_ids"].shape[0] == labels.shape[0] == inputs["pixel_values"].shape[0] == 2 * len(PAIRS)
+        for side, reply in ((pair.chosen, good), (pair.rejected, bad)):
+            assert tok.decode([i for i, l in zip(side.input_ids, side.labels) if l != IGNORE_INDEX]) == reply + "<|im_end|>"
+            assert side.input_ids.count(processor.image_token_id) == 4
+    inputs, labels = batch["pair_inputs"], batch["pair_labels"]
+    assert inputs["input_ids"].shape == labels.shape and labels.shape[0] == 2 * len(PAIRS)  # chosen rows, then rejected
+    assert inputs["pixel_values"].shape[0] == 2 * len(PAIRS)  # each row's image
 
 
-def test_tokenize_pair_masks_earlier_assistant_turns_and_checks_length(parts, images):
+def test_tokenize_pairs_masks_earlier_assistant_turns_and_checks_length(parts, images):
     _, processor = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
     path = _write(images / "multi.jsonl", [{
         "prompt": [{"role": "user", "content": "Is there a triangle?"}, {"role": "assistant", "content": "no"},
@@ -228,109 +217,40 @@ def test_tokenize_pair_masks_earlier_assistant_turns_and_checks_length(parts, im
         "chosen": "yes", "rejected": "no",
     }])
     (sample,) = load_preferences(path)
-    pair = tokenize_pair(sample, processor, max_length=64)
-    trained = processor.tokenizer.decode([i for i, l in zip(pair.rejected_ids, pair.rejected_labels) if l != IGNORE_INDEX])
+    (pair,) = tokenize_pairs([sample], ComposedRenderer(processor), max_length=64)
+    trained = processor.tokenizer.decode([i for i, l in zip(pair.rejected.input_ids, pair.rejected.labels) if l != IGNORE_INDEX])
     assert trained == "no<|im_end|>"  # only the reply, not the "no" earlier in the prompt
-    with pytest.raises(VlmkitError, match=r"multi\.jsonl:1: .*max_length=5"):
-        tokenize_pair(sample, processor, max_length=5)
+    with pytest.raises(VlmkitError, match=r"multi\.jsonl:1: the chosen reply: .*max_length=5"):
+        tokenize_pairs([sample], ComposedRenderer(processor), max_length=5)
 
 
-def _train(model, batch, ref_model, steps, lr):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+def test_dpo_steps_against_the_starting_models_log_probs_learn_the_preference(tiny):
+    """The loop's path: reference log-probs of the starting model, computed once, then DPO steps."""
+    model, _, _, batch = tiny
+    model.eval()  # dropout off: the reference and the first policy pass are the same computation
+    with torch.no_grad():
+        ref = sequence_logps(model(**batch["pair_inputs"]).logits, batch["pair_labels"])
+    n = len(PAIRS)
+    batch = {**batch, "ref_chosen_logps": ref[:n], "ref_rejected_logps": ref[n:]}
+    model.requires_grad_(False)
+    for part in (model.projector, model.language_model):
+        part.requires_grad_(True)
+    q_proj = "language_model.model.layers.0.self_attn.q_proj.weight"
+    start = model.state_dict()[q_proj].clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
     history = []
-    for _ in range(steps):
-        loss, metrics = dpo_step_loss(model, batch, ref_model=ref_model, beta=0.5)
+    for _ in range(8):
+        loss, metrics = dpo_step_loss(model, batch, beta=0.5)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         history.append((loss.item(), metrics))
-    return history
-
-
-def test_dpo_with_a_reference_copy_learns_the_preference(tiny):
-    model, _, _, batch = tiny
-    torch.manual_seed(0)
-    ref = copy.deepcopy(model).requires_grad_(False)
-    model.requires_grad_(False)
-    for part in (model.projector, model.language_model):
-        part.requires_grad_(True)
-    model.train()
-    history = _train(model, batch, ref, steps=8, lr=3e-3)
     loss0, m0 = history[0]
     assert loss0 == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
     assert m0["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
-        loss, m = dpo_step_loss(model, batch, ref_model=ref, beta=0.5)
+        loss, m = dpo_step_loss(model, batch, beta=0.5)
     assert m["rewards/accuracy"] == 1.0
     assert m["rewards/margins"] > history[1][1]["rewards/margins"] > 0
     assert loss.item() < 0.5 * math.log(2)
-    # the policy's LM moved, the reference copy did not
-    q_proj = "language_model.model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(ref.state_dict()[q_proj], model.state_dict()[q_proj])
-
-
-def test_dpo_with_lora_uses_the_base_model_as_reference(tiny):
-    from vlmkit.train.lora import add_lora
-
-    model, _, _, batch = tiny
-    base = copy.deepcopy(model).eval()
-    inputs, labels = concat_pairs(batch)
-    with torch.no_grad():
-        base_logps = sequence_logps(base(**inputs).logits, labels)
-
-    model.requires_grad_(False)
-    lora_params = add_lora(model, SimpleNamespace(lora_r=8, lora_alpha=16, lora_dropout=0.0))
-    for p in lora_params:
-        p.requires_grad_(True)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    model.train()
-
-    with torch.no_grad():
-        ref0 = reference_logps(model, inputs, labels)  # ref_model=None: adapters switched off
-        policy0 = sequence_logps(model(**inputs).logits, labels)
-    assert torch.allclose(ref0, policy0, atol=1e-5)  # LoRA B starts at zero
-    assert torch.allclose(ref0, base_logps, atol=1e-5)
-
-    history = _train(model, batch, None, steps=6, lr=1e-2)
-    assert history[0][0] == pytest.approx(math.log(2), abs=1e-6)
-    with torch.no_grad():
-        ref = reference_logps(model, inputs, labels)
-        policy = sequence_logps(model(**inputs).logits, labels)
-    assert torch.allclose(ref, base_logps, atol=1e-4)  # the reference is still the base model
-    assert (policy - ref).abs().max() > 0.05  # while the policy has moved
-    assert history[-1][1]["rewards/margins"] > history[1][1]["rewards/margins"]
-    # switching the adapters off and on left the trainable set exactly as it was
-    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
-    assert all(p.requires_grad for p in lora_params)
-    assert not any(m.disable_adapters for m in model.modules() if hasattr(m, "lora_A"))
-    # ... also when adapters were frozen (peft's re-enable would mark them trainable again)
-    for p in lora_params:
-        p.requires_grad_(False)
-    reference_logps(model, inputs, labels)
-    assert not any(p.requires_grad for p in lora_params)
-
-
-def test_no_reference_and_no_adapters_is_an_error(tiny):
-    model, _, _, batch = tiny
-    with pytest.raises(VlmkitError, match="reference"):
-        dpo_step_loss(model, batch)
-
-
-def test_adapters_disabled_on_a_peft_model(parts):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    lm = AutoModelForCausalLM.from_pretrained(parts["llama"])
-    ids = torch.tensor([[1, 5, 9, 20, 33]])
-    with torch.no_grad():
-        base = lm(input_ids=ids).logits
-    peft_model = get_peft_model(lm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    with torch.no_grad():
-        adapted = peft_model(input_ids=ids).logits
-        with adapters_disabled(peft_model):
-            off = peft_model(input_ids=ids).logits
-        again = peft_model(input_ids=ids).logits
-    assert not torch.allclose(adapted, base, atol=1e-4)
-    assert torch.allclose(off, base, atol=1e-5)
-    assert torch.equal(again, adapted)
+    assert not torch.equal(start, model.state_dict()[q_proj])  # the LM moved

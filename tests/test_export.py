@@ -20,8 +20,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlmkit.errors import VlmkitError
 from vlmkit.infer.engine import Engine
-from vlmkit.model.build import compose
-from vlmkit.model.export import export_llava
+from vlmkit.build import compose
+from vlmkit.export import export_llava
 from vlmkit.model.vlm import VlmkitConfig, VlmkitForConditionalGeneration
 
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
@@ -45,6 +45,7 @@ def photo():
 
 
 def save_composed(parts, folder, vision="clip", llm="llama", **kwargs):
+    kwargs = {"projector": "mlp", "norm_image_embeds": False, **kwargs}  # what Llava can express
     model, processor = compose(vision=str(parts[vision]), llm=str(parts[llm]), **kwargs)
     with torch.no_grad():  # zero biases and std 0.02 hide slips (GELU's tanh form): make them count
         for p in model.projector.parameters():
@@ -168,6 +169,14 @@ def test_refuses_a_cnn_tower(parts, tmp_path):
     with pytest.raises(VlmkitError, match="CLIP or SigLIP"):
         export_llava(str(tmp_path / "vlmkit"), str(tmp_path / "llava"))
     assert not (tmp_path / "llava").exists()
+
+
+def test_exports_a_run_folder(parts, tmp_path):
+    """`vlmkit export RUN` takes the run folder `vlmkit generate --model RUN` takes: its model/."""
+    save_composed(parts, tmp_path / "run" / "model", image_tokens=16)
+    (tmp_path / "run" / "train_summary.json").write_text("{}")
+    export_llava(str(tmp_path / "run"), str(tmp_path / "llava"), verify=False)
+    assert json.loads((tmp_path / "llava" / "config.json").read_text())["model_type"] == "llava"
 
 
 def test_does_not_overwrite(parts, tmp_path):

@@ -79,7 +79,7 @@ def test_labels_are_exactly_the_assistant_turns(folders, data, family):
     from transformers import AutoProcessor
 
     from vlmkit.data.schema import load_samples
-    from vlmkit.infer.families import family_of
+    from vlmkit.model.families import family_of
 
     processor = AutoProcessor.from_pretrained(folders[family])
     model_type = json.loads(open(f"{folders[family]}/config.json").read())["model_type"]
@@ -99,8 +99,8 @@ def test_labels_are_exactly_the_assistant_turns(folders, data, family):
 
 def test_gradient_checkpointing_gives_the_same_gradients(folders, data, tmp_path):
     from vlmkit.data.schema import load_samples
-    from vlmkit.data.template import collate_with_template, tokenize_with_template
-    from vlmkit.infer.families import family_of
+    from vlmkit.data.collate import tokenize
+    from vlmkit.model.families import family_of
     from vlmkit.model.pretrained import load_pretrained
 
     grads = []
@@ -109,8 +109,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(folders, data, tmp_path
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        examples, _ = tokenize_with_template(load_samples(data["multi"])[:2], processor, family_of("qwen2_vl"), 512)
-        loss = model(**collate_with_template(examples, processor, family_of("qwen2_vl"))).loss
+        renderer = TemplateRenderer(processor, family_of("qwen2_vl"))
+        examples, _ = tokenize(load_samples(data["multi"])[:2], renderer, 512)
+        loss = model(**renderer.collate(examples)).loss
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
@@ -302,7 +303,7 @@ def test_lora_targets_and_qlora_resume(folders, data, tmp_path):
     from vlmkit.model.quantize import qlora_available
 
     args = ["method=qlora" if qlora_available() is None else "method=lora", "lora_targets=q_proj,v_proj", "lr=3e-2", "max_steps=4"]
-    whole = train(_cfg(folders["llava"], data["multi"], tmp_path / "a", *args))
+    train(_cfg(folders["llava"], data["multi"], tmp_path / "a", *args))
     meta = json.loads((tmp_path / "a" / "model" / "vlmkit_adapter.json").read_text())
     assert meta["target_modules"] == ["q_proj", "v_proj"]
     cut = _cfg(folders["llava"], data["multi"], tmp_path / "b", *args)
@@ -313,3 +314,47 @@ def test_lora_targets_and_qlora_resume(folders, data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(VlmkitError, match="lora_targets.*nope_proj"):
         train(_cfg(folders["llava"], data["multi"], tmp_path / "c", "method=lora", "lora_targets=q_proj,nope_proj"))
+
+
+def test_a_generation_prompt_ending_with_a_space_trains_on_what_inference_sees(folders, data, tmp_path):
+    """Older LLaVA-style templates end the generation prompt with a space ("ASSISTANT: "), which the whole
+    conversation merges into the answer's first token, so the turn-by-turn mask cannot be located. The
+    example is then the prompt exactly as inference tokenizes it, followed by the answer's tokens."""
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from vlmkit.data.collate import tokenize
+    from vlmkit.data.images import load_image
+    from vlmkit.data.schema import load_samples
+    from vlmkit.model.families import family_of
+
+    folder = tmp_path / "llava-space"
+    shutil.copytree(folders["llava"], folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    assert "'ASSISTANT:'" in processor.chat_template
+    processor.chat_template = processor.chat_template.replace("'ASSISTANT:'", "'ASSISTANT: '")
+    processor.save_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+
+    renderer = TemplateRenderer(processor, family_of("llava"))
+    samples = load_samples(data["single"])
+    sample = samples[0]
+    example = renderer.render(sample.messages, list(sample.images), sample.where)
+    assert example.completion  # the turn-by-turn render was not token-aligned
+    prompt = processor.apply_chat_template(sample.messages[:1], add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("ASSISTANT: ")
+    prompt_ids = processor(text=[prompt], images=[load_image(sample.images[0])])["input_ids"][0].tolist()
+    assert example.input_ids[: len(prompt_ids)] == prompt_ids  # what generation feeds the model
+    answer = sample.messages[1]["content"][0]["text"]
+    trained = processor.tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+    assert trained.strip() == answer and example.labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+
+    examples, _ = tokenize(samples[:3], renderer, 512)  # a batch of such rows pads and keeps every label
+    batch = renderer.collate(examples)
+    for row, e in enumerate(examples):
+        assert batch["input_ids"][row, : e.length].tolist() == e.input_ids
+        assert batch["attention_mask"][row].sum() == e.length
+    out = tmp_path / "run"
+    train(_cfg(folder, data["single"], out, "max_steps=2", "batch_size=2"))
+    assert (out / "model" / "config.json").is_file()

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from vlmkit.errors import VlmkitError
-from vlmkit.model.build import compose
-from vlmkit.train.lora import add_lora, lm_target_modules
+from vlmkit.build import compose
+from vlmkit.model.lora import add_lora, lm_target_modules
 from vlmkit.train.plan import estimate
 
 

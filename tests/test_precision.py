@@ -13,7 +13,7 @@ import torch
 from vlmkit.config import load_config
 from vlmkit.device import cpu_has_bf16, training_precision
 from vlmkit.errors import VlmkitError
-from vlmkit.model.build import load_model
+from vlmkit.build import load_model
 from vlmkit.train.loop import train
 
 

@@ -15,7 +15,7 @@ from tiny_vlms import IMAGES_NESTED, NO_CHAT_TEMPLATE, make_vlm
 from vlmkit.errors import VlmkitError
 from vlmkit.model import quantize
 from vlmkit.model.parts import find_part
-from vlmkit.train.lora import add_lora
+from vlmkit.model.lora import add_lora
 
 REASON = quantize.qlora_available("cpu")
 needs_4bit = pytest.mark.skipif(REASON is not None, reason=f"4-bit unavailable: {REASON}")
@@ -96,7 +96,7 @@ def changed(before: dict, model) -> set[str]:
 
 # -- no bitsandbytes: a clear error ------------------------------------------------------------------------------
 def test_missing_bitsandbytes_gives_one_line(monkeypatch, parts):
-    from vlmkit.model.build import compose
+    from vlmkit.build import compose
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
     quantize._check.cache_clear()
@@ -125,8 +125,8 @@ def composed_batch(model):
 
 @needs_4bit
 def test_composed_model_qlora(parts, tmp_path):
-    from vlmkit.model.build import compose, load_model
-    from vlmkit.train.checkpoint import save_model_atomic
+    from vlmkit.build import compose, load_model
+    from vlmkit.io import save_pretrained_atomic
 
     reference, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
     model, processor = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
@@ -136,7 +136,7 @@ def test_composed_model_qlora(parts, tmp_path):
     names = quantize.quantize_language_model_4bit(model)
     assert len(names) == 7 * 2  # q k v o gate up down, 2 layers
     check_lm_only_4bit(model, reference)
-    assert 4 * quantize.weight_bytes(model.language_model.model.layers) < quantize.weight_bytes(
+    assert 4 * weight_bytes(model.language_model.model.layers) < weight_bytes(
         reference.language_model.model.layers
     )
     with torch.no_grad():
@@ -164,7 +164,7 @@ def test_composed_model_qlora(parts, tmp_path):
         merged = model(**inputs).logits
     assert not any(quantize.is_4bit(m) or "lora" in n for n, m in model.named_modules())
     assert relative_diff(merged, trained) < 0.05  # bf16 compute vs fp32
-    save_model_atomic(model, processor, tmp_path / "model")
+    save_pretrained_atomic(model, processor, tmp_path / "model")
     reloaded, _ = load_model(tmp_path / "model")
     with torch.no_grad():
         assert torch.allclose(reloaded(**inputs).logits, merged, atol=1e-5)
@@ -237,3 +237,21 @@ def test_pretrained_qlora_trains_adapters_and_projector_only(family, tiny_vlm):
         merged = model(**inputs).logits
     assert relative_diff(merged, trained) < 0.05
     assert not hasattr(model.config, "quantization_config") and not getattr(model, "is_loaded_in_4bit", False)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers, 4-bit weights counted with their quantisation state
+    (absmax, nested absmax, code tables)."""
+    total = 0
+    seen = set()
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)
+        while state is not None:  # absmax per block, the code table; the nested state of double quant
+            extra = [state.absmax, state.code, getattr(state, "offset", None)]
+            total += sum(x.numel() * x.element_size() for x in extra if torch.is_tensor(x))
+            state = getattr(state, "state2", None)
+    return total

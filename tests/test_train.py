@@ -2,18 +2,19 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.data.collate import tokenize_samples
+from vlmkit.data.collate import ComposedRenderer, tokenize
 from vlmkit.data.images import load_image
 from vlmkit.data.processor import IGNORE_INDEX
 from vlmkit.data.schema import Sample, load_samples
 from vlmkit.errors import VlmkitError
-from vlmkit.model.build import compose, load_model
+from vlmkit.build import compose, load_model
 from vlmkit.train.loop import train
 
 
@@ -36,6 +37,11 @@ def test_loss_falls_and_model_reloads(parts, shapes, tmp_path, lm):
         assert (tmp_path / "run" / name).is_file()
     assert list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))
     assert not (tmp_path / "run" / "checkpoint").exists()
+    # saved files get the umask's permissions (transformers writes weights through a 0600 temp file)
+    mask = os.umask(0)
+    os.umask(mask)
+    for saved in (tmp_path / "run" / "model").iterdir():
+        assert saved.stat().st_mode & 0o777 == 0o666 & ~mask, saved.name
 
     model, processor = load_model(summary["model"])
     # projector inputs are standardised with the training images' statistics, outputs scaled to text norm
@@ -93,8 +99,8 @@ def test_too_long_sample_is_an_error_naming_the_line(parts, shapes):
     _, processor = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
     samples = load_samples(shapes[0])
     with pytest.raises(VlmkitError, match=r"train\.jsonl:1: .*max_length=3"):
-        tokenize_samples(samples, processor, max_length=3)
-    examples, skipped = tokenize_samples(samples, processor, max_length=3, skip_too_long=True)
+        tokenize(samples, ComposedRenderer(processor), max_length=3)
+    examples, skipped = tokenize(samples, ComposedRenderer(processor), max_length=3, skip_too_long=True)
     assert examples == [] and skipped == len(samples)
 
 
@@ -104,7 +110,7 @@ def test_untrained_tail_is_cut_but_never_an_image(parts):
     for messages, images in ((qa, ("a.png",)), (qa + [{"role": "user", "content": [{"type": "image"}]}], ("a.png", "b.png"))):
         ids, labels = processor.render(messages)
         sample = Sample(messages, tuple(Path(p) for p in images), "x.jsonl", 1)
-        (example,), _ = tokenize_samples([sample], processor, max_length=512)
+        (example,), _ = tokenize([sample], ComposedRenderer(processor), max_length=512)
         n = len(example.input_ids)
         assert ids[:n] == example.input_ids and labels[:n] == example.labels and n < len(ids)
         assert all(label == IGNORE_INDEX for label in labels[n:])  # only untrained tokens were cut
@@ -154,12 +160,11 @@ def test_position_words_need_image_positions(parts, shapes, tmp_path):
 
 
 def test_group_by_length_pads_less_and_covers_each_epoch_once():
-    from types import SimpleNamespace
-
-    from vlmkit.train.loop import batches_from
+    from vlmkit.data.collate import Example
+    from vlmkit.train.batches import batches_from
 
     rng = torch.Generator().manual_seed(0)
-    examples = [SimpleNamespace(input_ids=[0] * int(n)) for n in torch.randint(5, 60, (400,), generator=rng)]
+    examples = [Example([0] * int(n), [0] * int(n), (), f"d:{k}") for k, n in enumerate(torch.randint(5, 60, (400,), generator=rng))]
 
     def draw(group, start=0, n=100):  # 100 batches of 4 = one epoch
         batches = batches_from(examples, 4, seed=3, start=start, group_by_length=group)
@@ -195,7 +200,7 @@ def test_projector_head_fit_solves_the_regression(parts, projector):
 
 def test_reply_targets_weigh_words_by_rarity(parts):
     from vlmkit.data.collate import Example
-    from vlmkit.train.loop import reply_targets
+    from vlmkit.train.initialise import reply_targets
 
     model, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
     end, x = 2, IGNORE_INDEX
@@ -214,11 +219,11 @@ def test_reply_targets_weigh_words_by_rarity(parts):
 
 
 def test_projector_init_text_starts_image_tokens_near_their_words(parts, shapes, tmp_path):
-    from vlmkit.train.loop import reply_targets
+    from vlmkit.train.initialise import reply_targets
 
     cfg = tiny_config(parts, shapes, tmp_path / "run", "projector_init=text", "max_steps=1", "projector_lr=0", "lr=0")
     model, processor = load_model(train(cfg)["model"])
-    examples, _ = tokenize_samples(load_samples(shapes[0]), processor, 512)
+    examples, _ = tokenize(load_samples(shapes[0]), ComposedRenderer(processor), 512)
     paths, targets = reply_targets(model, examples)
     with torch.no_grad():
         pixels = processor.pixel_values([load_image(p) for p in paths])

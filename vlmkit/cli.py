@@ -22,6 +22,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
+    from vlmkit.model.quantize import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
+
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
@@ -51,7 +55,7 @@ def cmd_train(args) -> None:
         args.config = os.path.join(args.output, "config.yaml")  # resume with the run's own config
     cfg = load_config(args.config, args.overrides, **fixed)
     if args.dry_run:
-        from vlmkit.train.loop import plan_run
+        from vlmkit.train.plan import plan_run
 
         print(plan_run(cfg))
         return
@@ -97,8 +101,7 @@ def cmd_generate(args) -> None:
     engine = _load_engine(args.model)
     opts = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if args.batch:
-        from vlmkit.data.schema import load_samples
-        from vlmkit.eval.run import split_reference
+        from vlmkit.data.schema import load_samples, split_reference
 
         convs, images = [], []
         for sample in load_samples(args.batch, require_assistant=False):
@@ -121,6 +124,7 @@ def cmd_generate(args) -> None:
 def _run_task(args, key: str, prompt_of, extra: dict | None = None) -> None:
     """caption / ask / ocr: one image and no --output prints the reply; otherwise JSON lines.
     `prompt_of(family)` is the preset prompt, used unless --prompt overrides it."""
+    from vlmkit.data.messages import user_turn
     from vlmkit.infer.load import load
     from vlmkit.infer.tasks import collect_images, run_images
 
@@ -129,8 +133,7 @@ def _run_task(args, key: str, prompt_of, extra: dict | None = None) -> None:
     prompt = args.prompt or prompt_of(vlm.family)
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if len(images) == 1 and not args.output and not os.path.isdir(args.images[0]):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        print(vlm.engine.generate([conversation], [[images[0]]], **gen)[0])
+        print(vlm.generate(user_turn(prompt), [images[0]], **gen))
         return
     summary = run_images(vlm, images, prompt, key, args.output, batch_size=args.batch_size, extra=extra, **gen)
     print(summary.text(args.output), file=sys.stderr)
@@ -168,9 +171,10 @@ def cmd_eval(args) -> None:
 
 
 def cmd_data_check(args) -> None:
+    from vlmkit.build import sample_renderer
     from vlmkit.data.check import check
 
-    ok = check(args.file, model=args.model, show=not args.no_sample)
+    ok = check(args.file, renderer=None if args.no_sample else (lambda: sample_renderer(args.model)))
     if not ok:
         raise SystemExit(1)
 
@@ -185,19 +189,19 @@ def cmd_data_shapes(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from vlmkit.infer.inspect import inspect_model
+    from vlmkit.inspect import inspect_model
 
     print(inspect_model(args.model, image=args.image, prompt=args.prompt))
 
 
 def cmd_merge(args) -> None:
-    from vlmkit.train.adapter import merge_to_folder
+    from vlmkit.model.adapter import merge_to_folder
 
     print(merge_to_folder(args.adapter, args.out))
 
 
 def cmd_export(args) -> None:
-    from vlmkit.model.export import export_llava
+    from vlmkit.export import export_llava
 
     print(export_llava(args.model, args.out))
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from vlmkit.errors import VlmkitError
+from vlmkit.errors import VlmkitError, first_line
+from vlmkit.io import atomic_write_text
 
 STAGES = ("align", "sft")
 PROJECTOR_INITS = ("random", "text")
@@ -102,10 +103,6 @@ class TrainConfig:
             raise VlmkitError("give `epochs` > 0 or `max_steps` > 0")
 
     @property
-    def freezes_vision(self) -> bool:
-        return not self.train_vision
-
-    @property
     def uses_lora(self) -> bool:
         return self.lora_r > 0
 
@@ -147,7 +144,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, **f
         except FileNotFoundError:
             raise VlmkitError(f"config file {path} not found") from None
         except yaml.YAMLError as e:
-            raise VlmkitError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise VlmkitError(f"{path}: not valid YAML ({first_line(e)})") from None
         if not isinstance(loaded, dict):
             raise VlmkitError(f"{path}: expected a mapping of config keys")
         for key in loaded:
@@ -163,11 +160,3 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, **f
         values[key] = _coerce(key, text, known[key])
     values.update({k: v for k, v in fixed.items() if v is not None})
     return TrainConfig(**values)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

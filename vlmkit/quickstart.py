@@ -69,7 +69,8 @@ def make_data(folder: Path, train_images: int = TRAIN_IMAGES, test_images: int =
 def quickstart(output: str = "runs/quickstart", minutes: float | None = None, overrides: list[str] | None = None) -> dict:
     from vlmkit.eval.run import evaluate
     from vlmkit.infer.engine import Engine
-    from vlmkit.train.loop import build_model, log, train
+    from vlmkit.build import for_training
+    from vlmkit.train.loop import log, train
 
     out = Path(output)
     started = time.time()
@@ -81,14 +82,14 @@ def quickstart(output: str = "runs/quickstart", minutes: float | None = None, ov
     cfg = load_config(None, recipe + list(overrides or []), data=str(train_file), output=str(out))
 
     log("[2/5] composing the model: EfficientNet-Lite0 + SmolLM2-135M-Instruct + new projector")
-    model, processor = build_model(cfg)
+    model, processor = for_training(cfg)
 
     log(f"[3/5] evaluating the untrained model on {test_file.name}")
     engine = Engine(model, processor)
     before = evaluate(test_file, out / "eval_before.json", engine=engine, max_new_tokens=8)
 
     log("[4/5] training")
-    summary = train(cfg, built=(model, processor))
+    summary = train(cfg, model_and_processor=(model, processor))
 
     log(f"[5/5] evaluating the trained model on {test_file.name}")
     engine = Engine(model.eval(), processor)

@@ -15,7 +15,7 @@ template); the same template is stored as a jinja string so plain transformers r
 
 from __future__ import annotations
 
-from transformers import AutoProcessor, BatchFeature, ProcessorMixin
+from transformers import BatchFeature, ProcessorMixin
 
 from vlmkit.errors import VlmkitError
 
@@ -35,6 +35,16 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
 )
+
+
+COLUMN_WORDS = {2: [" left", " right"], 3: [" left", " middle", " right"]}
+
+
+def grid_column_words(side: int, key: str = "column_words") -> list[str]:
+    """The words for the columns of a side x side grid of image tokens (`key`: the config key asking)."""
+    if side not in COLUMN_WORDS:
+        raise VlmkitError(f"{key} needs a 2x2 or 3x3 grid of image tokens (image_tokens=4 or 9), not {side}x{side}")
+    return COLUMN_WORDS[side]
 
 
 def ensure_special_tokens(tokenizer) -> bool:
@@ -139,9 +149,3 @@ class VlmkitProcessor(ProcessorMixin):
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "pixel_values"]
-
-
-def register_processor() -> None:
-    from vlmkit.model.vlm import VlmkitConfig
-
-    AutoProcessor.register(VlmkitConfig, VlmkitProcessor, exist_ok=True)

@@ -15,19 +15,17 @@ bad dataset is fixed in one pass instead of one crash at a time.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmkit.data.images import check_image
+from vlmkit.data.rows import MISSING, Reporter, check_data_file, image_problem, kind_of, parse_rows, raise_problems, show
 from vlmkit.errors import VlmkitError
 
 ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_MARKER = "<image>"
-MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -87,9 +85,20 @@ def read_samples(
 def load_samples(path: str | os.PathLike, **kw: Any) -> list[Sample]:
     """`read_samples`, but raise `VlmkitError` (the first problem, and how many more) if any."""
     samples, problems = read_samples(path, **kw)
-    if problems:
-        raise VlmkitError(_summarise(problems, f"vlmkit data check {path}"))
+    raise_problems(problems, f"vlmkit data check {path}")
     return samples
+
+
+def split_reference(sample: Sample) -> tuple[list[dict], str, int]:
+    """(prompt messages, reference text, images used by the prompt) for one sample."""
+    messages = sample.messages
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise VlmkitError(f"{sample.where}: no assistant turn to use as the reference")
+    reference = "".join(p["text"] for p in messages[last]["content"] if p["type"] == "text")
+    prompt = messages[:last]
+    n_images = sum(1 for m in prompt for p in m["content"] if p["type"] == "image")
+    return prompt, reference, n_images
 
 
 def parse_messages(
@@ -107,126 +116,13 @@ def parse_messages(
     parsed = _parse_row(row, base, report, require_assistant=require_assistant)
     if parsed is not None:
         for field, image in parsed[1]:
-            problem = _image_problem(image, base, check=False)
+            problem = image_problem(image, base, check=False)
             if problem is not None:
                 report(field, problem)
     if report.problems or parsed is None:
-        raise VlmkitError(_summarise(report.problems, None))
+        raise_problems(report.problems or ["invalid messages; check the format"])
     messages, fields_images = parsed
     return messages, [p for _, p in fields_images]
-
-
-# ---------------------------------------------------------------------------------------- reading rows
-
-
-def check_data_file(
-    path: Path, image_root: str | os.PathLike | None, what: str, formats: str
-) -> tuple[Path, str | None]:
-    """Check that `path` is a readable .jsonl/.json file before any row is read.
-
-    Returns (the folder relative image paths resolve against, None) or (_, one problem line naming the
-    file, what is wrong and what to do). `what` names the file in messages ("data file"); `formats` is
-    the advice for a wrong extension.
-    """
-    src = str(path)
-    base_dir = Path(os.path.abspath(Path(image_root).expanduser() if image_root else path.parent))
-    if not path.exists():
-        return base_dir, f"{src}: {what} not found; check the path"
-    if path.is_dir():
-        return base_dir, f"{src}: is a folder; give the .jsonl or .json {what} inside it"
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        return base_dir, f"{src}: unsupported extension {path.suffix.lower() or '(none)'!r}; {formats}"
-    if image_root is not None and not base_dir.is_dir():
-        return base_dir, f"{src}: image root {base_dir} is not a folder; check the image root path"
-    return base_dir, None
-
-
-def parse_rows(path: Path, base_dir: Path, parse, check_images: bool):
-    """Run `parse(obj, base_dir, report)` on every row of a data file and check the images it names.
-
-    `parse` returns (value, [(field, image path)]) or None after reporting problems. Each image is
-    checked once however many rows share it. Returns ([(line, value, image paths)], problems, rows read).
-    """
-    src = str(path)
-    out, problems, n_rows = [], [], 0
-    seen: dict[Path, str | None] = {}  # image path -> problem
-    for line, obj, problem in _rows(path):
-        if problem is not None:
-            problems.append(problem)
-            continue
-        n_rows += 1
-        report = Reporter(f"{src}:{line}")
-        parsed = parse(obj, base_dir, report)
-        if parsed is not None:
-            for field, image in parsed[1]:
-                if image not in seen:
-                    seen[image] = _image_problem(image, base_dir, check_images)
-                if seen[image] is not None:
-                    report(field, seen[image])
-        if report.problems:
-            problems.extend(report.problems)
-        elif parsed is not None:
-            out.append((line, parsed[0], tuple(p for _, p in parsed[1])))
-    return out, problems, n_rows
-
-
-def _rows(path: Path):
-    """Yield (line, object, None) per row, or (line, None, problem) for a row that is not JSON."""
-    src = str(path)
-    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a BOM that an editor added
-    if not raw.strip():
-        return
-    is_json = path.suffix.lower() == ".json"
-    if is_json or raw.lstrip().startswith(b"["):
-        # A .json file, or a .jsonl that is really one pretty-printed list (a common mix-up).
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            yield 1, None, f"{src}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8"
-            return
-        except json.JSONDecodeError as e:
-            if is_json:
-                yield e.lineno, None, f"{src}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); fix the syntax"
-                return
-            data = None  # a .jsonl after all: read it line by line and report each bad line
-        if isinstance(data, list):
-            yield from ((i, obj, None) for i, obj in enumerate(data, start=1))
-            return
-        if is_json:
-            if isinstance(data, dict) and ("messages" in data or "conversations" in data):
-                yield 1, data, None  # one conversation on its own
-            else:
-                yield 1, None, (
-                    f"{src}:1: expected a JSON list of samples, got {kind_of(data)}; "
-                    "wrap the samples in [...] or use .jsonl with one sample a line"
-                )
-            return
-    for n, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line.decode("utf-8")), None
-        except UnicodeDecodeError as e:
-            yield n, None, f"{src}:{n}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8"
-        except json.JSONDecodeError as e:
-            yield n, None, (
-                f"{src}:{n}: invalid JSON ({e.msg} at column {e.colno}); "
-                "fix the line so it holds exactly one JSON object"
-            )
-
-
-class Reporter:
-    """Collects one-line problems for one row, each prefixed with FILE:LINE and the field."""
-
-    def __init__(self, where: str):
-        self.where = where
-        self.problems: list[str] = []
-
-    def __call__(self, field: str | None, message: str) -> None:
-        if field:
-            self.problems.append(f"{self.where}: field `{field}`: {message}")
-        else:
-            self.problems.append(f"{self.where}: {message}")
 
 
 # ---------------------------------------------------------------------------------------- parsing rows
@@ -277,7 +173,7 @@ def parse_chat(obj: dict, base_dir: Path, report: Reporter):
         if role is MISSING:
             report(f"{field}.role", "missing; set it to system, user or assistant")
         elif role not in ROLES:
-            report(f"{field}.role", f"{_show(role)} is not one of system/user/assistant; use one of those")
+            report(f"{field}.role", f"{show(role)} is not one of system/user/assistant; use one of those")
         parts = _parse_content(m.get("content", MISSING), f"{field}.content", slots, report)
         if parts is None:
             complete = False
@@ -344,7 +240,7 @@ def _parse_content(content: Any, field: str, slots: list, report: Reporter) -> l
             report(f"{pf}.type", "missing; set it to \"text\" or \"image\"")
             ok = False
         else:
-            report(f"{pf}.type", f"{_show(kind)} is not a supported part type; use \"text\" or \"image\"")
+            report(f"{pf}.type", f"{show(kind)} is not a supported part type; use \"text\" or \"image\"")
             ok = False
     return parts if ok else None
 
@@ -396,7 +292,7 @@ def _parse_llava(obj: dict, base_dir: Path, report: Reporter):
             continue
         who = turn.get("from", MISSING)
         if who not in LLAVA_ROLES:
-            got = "missing" if who is MISSING else f"{_show(who)} is not one of human/gpt/system"
+            got = "missing" if who is MISSING else f"{show(who)} is not one of human/gpt/system"
             report(f"{field}.from", f"{got}; use human, gpt or system")
         value = turn.get("value", MISSING)
         if not isinstance(value, str):
@@ -455,45 +351,7 @@ def _resolve_all(fields_values: list[tuple[str, Any]], base_dir: Path, report: R
             got = "is empty" if isinstance(value, str) else f"expected an image path, got {kind_of(value)}"
             report(field, f"{got}; give the image file's path")
         elif value.startswith(("http://", "https://")):
-            report(field, f"{_show(value)} is a URL and vlmkit does not download; download it and give the local path")
+            report(field, f"{show(value)} is a URL and vlmkit does not download; download it and give the local path")
         else:
             out.append((field, Path(os.path.abspath(base_dir / Path(value).expanduser()))))
     return out if len(out) == len(fields_values) else None
-
-
-def _image_problem(image: Path, base_dir: Path, check: bool) -> str | None:
-    if not image.is_file():
-        what = "is a folder, not an image file" if image.is_dir() else "not found"
-        return f"image {image} {what}; check the path (relative paths resolve against {base_dir})"
-    if check:
-        return check_image(image)
-    return None
-
-
-# ---------------------------------------------------------------------------------------- wording
-
-
-def _summarise(problems: list[str], check_command: str | None) -> str:
-    first = problems[0] if problems else "invalid messages; check the format"
-    rest = len(problems) - 1
-    if rest <= 0:
-        return first
-    tail = f"; run `{check_command}` to see them all" if check_command else ""
-    return f"{first} (and {rest} more problem{'s' if rest > 1 else ''}{tail})"
-
-
-def kind_of(value: Any) -> str:
-    """The JSON name of a value's type, as the user wrote it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _show(value: Any, limit: int = 40) -> str:
-    """A short one-line repr of a user's value, so a problem line stays one line."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

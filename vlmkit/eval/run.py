@@ -11,22 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlmkit.config import atomic_write_text
-from vlmkit.data.schema import Sample, load_samples
+from vlmkit.data.schema import load_samples, split_reference
 from vlmkit.errors import VlmkitError
 from vlmkit.eval.metrics import exact_match, score
-
-
-def split_reference(sample: Sample) -> tuple[list[dict], str, int]:
-    """(prompt messages, reference text, images used by the prompt) for one sample."""
-    messages = sample.messages
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise VlmkitError(f"{sample.where}: no assistant turn to use as the reference")
-    reference = "".join(p["text"] for p in messages[last]["content"] if p["type"] == "text")
-    prompt = messages[:last]
-    n_images = sum(1 for m in prompt for p in m["content"] if p["type"] == "image")
-    return prompt, reference, n_images
+from vlmkit.io import atomic_write_text
 
 
 def read_predictions(path: str | Path, n: int) -> list[str]:

@@ -21,8 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmkit.data.images import load_image
+from vlmkit.data.messages import fold_system, normalise_messages, plain_prompt
 from vlmkit.errors import VlmkitError
-from vlmkit.infer.families import Family, family_of, fold_system, normalise_messages, plain_prompt
+from vlmkit.model.families import Family, family_of
 
 
 class Engine:

@@ -3,18 +3,18 @@
 A model is a folder written by `vlmkit train` or `quickstart` (vlmkit's own composition), or any
 pretrained transformers VLM by hub id or local folder (SmolVLM, Idefics3, Llava, LLaVA-NeXT, Qwen2-VL,
 PaliGemma...). Both come back as the same `VLM`, so everything downstream treats them alike; task
-prompts come from the model's family (`vlmkit.infer.families`) and can be overridden.
+prompts come from the model's family (`vlmkit.model.families`) and can be overridden.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from vlmkit.infer.families import Family, family_of
+from vlmkit.data.messages import user_turn
+from vlmkit.model.families import Family, family_of
 
 
 @dataclass
@@ -59,29 +59,10 @@ class VLM:
         return self.engine.generate(conversations, [[i] for i in images], batch_size=batch_size, **kwargs)
 
 
-def user_turn(text: str, n_images: int, kind: str = "image") -> list[dict]:
-    return [{"role": "user", "content": [{"type": kind}] * n_images + [{"type": "text", "text": text}]}]
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load(name: str, device: str | None = None, dtype: torch.dtype | None = None) -> VLM:
     """Load a model by folder (a vlmkit run, a LoRA adapter run, a transformers VLM) or hub id; the device
     defaults to CUDA when available."""
-    from vlmkit.model.build import is_vlmkit_dir, load_model
-    from vlmkit.model.pretrained import load_pretrained
+    from vlmkit.build import load as build, model_folder
 
-    from vlmkit.train.adapter import is_adapter_dir, load_adapter
-
-    device = device or default_device()
-    if (Path(name) / "train_summary.json").is_file():  # a run folder: its model
-        name = str(Path(name) / "model")
-    if is_vlmkit_dir(name):
-        model, processor = load_model(name, dtype=dtype or torch.float32, device=device)
-    elif is_adapter_dir(name):  # a LoRA run of a pretrained model: base + adapter, merged
-        model, processor = load_adapter(name, device=device, dtype=dtype)
-    else:
-        model, processor = load_pretrained(str(name), dtype=dtype, device=device)
-    return VLM(model, processor, name=str(Path(name)))
+    model, processor = build(name, device=device, dtype=dtype)
+    return VLM(model, processor, name=model_folder(name))

@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from vlmkit.data.images import load_image
+from vlmkit.data.messages import user_turn
 from vlmkit.errors import VlmkitError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -112,7 +113,7 @@ def run_images(
                 except VlmkitError as e:
                     summary.failed.append((str(path), str(e)))
             if loaded:
-                conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]] * len(loaded)
+                conversations = [user_turn(prompt)] * len(loaded)
                 replies = vlm.engine.generate(conversations, [[im] for _, im in loaded], batch_size=len(loaded), **gen)
                 lines = [json.dumps({"image": str(p), key: r, **(extra or {})}, ensure_ascii=False) for (p, _), r in zip(loaded, replies)]
                 sink.write("".join(line + "\n" for line in lines))

@@ -18,11 +18,13 @@ run when it cannot.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 from torch import nn
 
-from vlmkit.errors import VlmkitError
+from vlmkit.device import resolve_device
+from vlmkit.errors import VlmkitError, first_line
 
 COMPUTE_DTYPE = torch.bfloat16
 QUANT_TYPE = "nf4"
@@ -31,10 +33,6 @@ INSTALL = "pip install bitsandbytes==0.50.2"
 
 
 # -- can 4-bit run here? -----------------------------------------------------------------------------------
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @functools.cache
 def _check(device_type: str) -> str | None:
     try:
@@ -42,7 +40,7 @@ def _check(device_type: str) -> str | None:
     except ImportError:
         return f"QLoRA needs bitsandbytes, which is not installed: {INSTALL}"
     except Exception as e:  # a broken install (missing native library, CUDA mismatch...) fails on import
-        return f"bitsandbytes failed to import ({_first_line(e)}); reinstall it: {INSTALL}"
+        return f"bitsandbytes failed to import ({first_line(e)}); reinstall it: {INSTALL}"
     supported = getattr(bnb, "supported_torch_devices", set())
     if device_type not in supported:
         return (
@@ -62,15 +60,22 @@ def _check(device_type: str) -> str | None:
         with torch.no_grad():
             error = (layer(x) - dense(x)).abs().max() / dense(x).abs().max()
     except Exception as e:
-        return f"bitsandbytes {bnb.__version__} cannot run 4-bit layers on {device_type} ({_first_line(e)})"
+        return f"bitsandbytes {bnb.__version__} cannot run 4-bit layers on {device_type} ({first_line(e)})"
     if not error < 0.25:  # NF4 + bf16 gives ~0.05 here; garbage gives ~1
         return f"bitsandbytes {bnb.__version__} 4-bit layers give wrong results on {device_type} (relative error {float(error):.2f})"
     return None
 
 
+def quiet_bitsandbytes() -> None:
+    """Silence the warning bitsandbytes logs on import on CPUs with AVX512-BF16, about an optional `kernels`
+    package vlmkit does not use (4-bit layers work without it). peft imports bitsandbytes whenever it is
+    installed, so every LoRA run would print it."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def qlora_available(device: str | torch.device | None = None) -> str | None:
     """None when 4-bit NF4 layers run on `device` (default: cuda if present, else cpu), else a one-line reason."""
-    return _check(torch.device(device or _default_device()).type)
+    return _check(resolve_device(device).type)
 
 
 def require_qlora(device: str | torch.device | None = None) -> None:
@@ -191,23 +196,14 @@ def load_pretrained_4bit(
     the hardware has bf16 matmul. On a CPU without AVX512-BF16/AMX bf16 matmul is emulated: a LoRA step on a
     512-wide 8-layer Llama took 23x as long as on the fp32 model, against 1.1x with float32 compute (measured).
     """
-    from transformers import AutoConfig
-
     from vlmkit.model.parts import find_part
-    from vlmkit.model.pretrained import _not_found
+    from vlmkit.model.pretrained import load_pretrained, read_config
 
     device = torch.device(device)
     require_qlora(device)
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except OSError as e:
-        raise VlmkitError(_not_found(name, e)) from None
-    except ValueError as e:
-        raise VlmkitError(f"{name}: cannot read its config.json ({_first_line(e)})") from None
-    quantization = bnb_config(skip_modules(config), compute_dtype)
+    quantization = bnb_config(skip_modules(read_config(name)), compute_dtype)
     place = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
-
-    model, processor = _load(name, dtype, quantization, place)
+    model, processor = load_pretrained(name, dtype, device, quantization_config=quantization, device_map=place)
     lm = find_part(model, "language")[1]
     if not any(is_4bit(m) for m in lm.modules()):
         raise VlmkitError(f"{name}: loaded, but no layer of its language model was quantised to 4 bit")
@@ -216,29 +212,6 @@ def load_pretrained_4bit(
     return model.eval(), processor
 
 
-def _load(name, dtype, quantization, place):
-    """`vlmkit.model.pretrained.load_pretrained`'s checks, with a quantisation config."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from vlmkit.model.pretrained import _not_found, _version
-
-    try:
-        processor = AutoProcessor.from_pretrained(name)
-        model = AutoModelForImageTextToText.from_pretrained(
-            name, dtype=dtype, quantization_config=quantization, device_map=place
-        )
-    except OSError as e:
-        raise VlmkitError(_not_found(name, e)) from None
-    except ValueError as e:
-        raise VlmkitError(
-            f"{name}: not an image-text-to-text model transformers {_version()} can load in 4 bit ({_first_line(e)})"
-        ) from None
-    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
-        raise VlmkitError(f"{name}: its processor ({type(processor).__name__}) has no image processor; is it a VLM?")
-    return model, processor
-
-
-# -- training and saving -------------------------------------------------------------------------------------------
 def prepare_for_kbit_training(model) -> None:
     """What peft's `prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)` does, plus one fix.
 
@@ -323,26 +296,3 @@ def merge_and_dequantize(model, dtype: torch.dtype = torch.float32) -> int:
             if getattr(module, attr, False):
                 setattr(module, attr, False)
     return count
-
-
-def weight_bytes(module: nn.Module) -> int:
-    """Bytes held by a module's parameters and buffers, 4-bit weights counted with their quantisation state
-    (absmax, nested absmax, code tables)."""
-    total = 0
-    seen = set()
-    for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-        state = getattr(t, "quant_state", None)
-        while state is not None:  # absmax per block, the code table; the nested state of double quant
-            extra = [state.absmax, state.code, getattr(state, "offset", None)]
-            total += sum(x.numel() * x.element_size() for x in extra if torch.is_tensor(x))
-            state = getattr(state, "state2", None)
-    return total
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -22,7 +22,7 @@ import os
 import torch
 from torch import nn
 
-from vlmkit.errors import VlmkitError
+from vlmkit.errors import VlmkitError, first_line
 from vlmkit.registry import Registry
 
 VISION_TOWERS = Registry("vision tower kind")
@@ -76,10 +76,10 @@ class TimmTower(nn.Module):
                 spec["name"], pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay
             )
         except RuntimeError as e:  # unknown model name
-            raise VlmkitError(f"timm vision tower {spec['name']!r}: {str(e).splitlines()[0]}") from None
+            raise VlmkitError(f"timm vision tower {spec['name']!r}: {first_line(e)}") from None
         except OSError as e:  # weights not downloadable (offline) or file unreadable
             raise VlmkitError(
-                f"timm vision tower {spec['name']!r}: cannot get its pretrained weights ({str(e).splitlines()[0][:100]}); "
+                f"timm vision tower {spec['name']!r}: cannot get its pretrained weights ({first_line(e)[:100]}); "
                 "offline, name a local weights file as timm:NAME@/path/weights.safetensors"
             ) from None
         self.hidden_size = self.model.num_features
@@ -112,7 +112,7 @@ def _import_timm():
     return timm
 
 
-def _fixed_size_processor(size: int, mean, std):
+def fixed_size_processor(size: int, mean, std):
     """Resize to size x size, scale to 0-1, normalise: what CNN towers want."""
     from transformers import ViTImageProcessor
 
@@ -131,7 +131,7 @@ def _hf_vision_config(name: str):
         where = "a local folder without a readable config.json" if os.path.isdir(name) else "no such local folder"
         raise VlmkitError(
             f"unknown vision tower {name!r}: not a built-in name ({', '.join(sorted(BUILTIN_VISION))}), not "
-            f"`timm:NAME`, {where}, and not loadable as a hub id ({str(e).splitlines()[0][:120]})"
+            f"`timm:NAME`, {where}, and not loadable as a hub id ({first_line(e)[:120]})"
         ) from None
     return getattr(config, "vision_config", None) or config
 
@@ -145,7 +145,7 @@ def load_vision(name: str, image_size: int | None = None, feature_layer: int = -
         tower = EfficientNetTower(spec)
         if pretrained:
             tower.net = load_efficientnet_lite0()
-        return spec, tower, _fixed_size_processor(image_size or 224, IMAGE_MEAN, IMAGE_STD)
+        return spec, tower, fixed_size_processor(image_size or 224, IMAGE_MEAN, IMAGE_STD)
 
     if name.startswith("timm:"):
         model_name, _, weights_file = name[len("timm:") :].partition("@")
@@ -153,7 +153,7 @@ def load_vision(name: str, image_size: int | None = None, feature_layer: int = -
         tower = TimmTower(spec, pretrained=pretrained, weights_file=weights_file or None)
         data_cfg = _import_timm().data.resolve_data_config({}, model=tower.model)
         size = image_size or data_cfg["input_size"][-1]
-        return spec, tower, _fixed_size_processor(size, data_cfg["mean"], data_cfg["std"])
+        return spec, tower, fixed_size_processor(size, data_cfg["mean"], data_cfg["std"])
 
     from transformers import AutoImageProcessor
 
@@ -167,7 +167,7 @@ def load_vision(name: str, image_size: int | None = None, feature_layer: int = -
     try:
         processor = AutoImageProcessor.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise VlmkitError(f"vision tower {name!r}: no image processor beside it ({str(e).splitlines()[0]})") from None
+        raise VlmkitError(f"vision tower {name!r}: no image processor beside it ({first_line(e)})") from None
     if image_size is not None:
         processor.size = {"height": image_size, "width": image_size}
         if getattr(processor, "crop_size", None):

@@ -10,6 +10,8 @@ vectorised `masked_scatter` and returns the LM's output, with the loss when `lab
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
@@ -269,3 +271,8 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
 AutoConfig.register("vlmkit", VlmkitConfig, exist_ok=True)
 AutoModelForImageTextToText.register(VlmkitConfig, VlmkitForConditionalGeneration, exist_ok=True)
+
+
+def is_vlmkit_dir(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and '"model_type": "vlmkit"' in config.read_text()

@@ -7,13 +7,14 @@ run killed mid-write still has the previous checkpoint intact.
 
 from __future__ import annotations
 
-import os
-import shutil
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vlmkit.errors import VlmkitError
+from vlmkit.io import atomic_write
 
 STATE = "state.pt"
 
@@ -28,12 +29,10 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, histor
         "history": history,
         "rng": rng,
     }
-    tmp = folder / f".{STATE}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / STATE)
+    atomic_write(folder / STATE, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, restore_rng) -> tuple[int, list]:
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[int, list]:
     path = folder / STATE
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -52,31 +51,18 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, restore_rng) -> t
     return state["step"], state["history"]
 
 
-def save_model_atomic(model, processor, folder: Path, state_dict: dict | None = None) -> None:
-    """save_pretrained into a temporary folder, then swap it into place. `state_dict` replaces the
-    model's own tensors (a sharded model's weights, gathered)."""
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, state_dict=state_dict)
-        processor.save_pretrained(tmp)
-
-    write_folder_atomic(folder, write)
+def capture_rng() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
-def write_folder_atomic(folder: Path, write) -> None:
-    """`write(tmp)` fills a fresh temporary folder, which then replaces `folder` in one rename: a crash
-    leaves either the old folder or the new one, never a half-written one."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    old = folder.with_name(f".{folder.name}.old")
-    if folder.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old.exists():
-        shutil.rmtree(old)
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -78,7 +78,7 @@ def decoder_layers(model) -> list:
     """The language model's transformer blocks: the ModuleList as long as its layer count."""
     from torch import nn
 
-    from vlmkit.train.lora import language_model
+    from vlmkit.model.lora import language_model
 
     lm = language_model(model)
     config = getattr(lm, "config", None) or getattr(model.config, "text_config", None)

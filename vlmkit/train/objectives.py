@@ -1,9 +1,10 @@
 """What a training step optimises: supervised fine-tuning (SFT) or DPO, for any model.
 
 The loop is the same for both; an objective supplies the parts that differ: how the data file is read
-and tokenized (vlmkit's own `render` for composed models, the model's own processor and chat template
-for pretrained ones), how a list of examples becomes a batch, and the loss of a batch (with metrics to
-log). Evaluation is the mean loss over held-out examples.
+and tokenized, how a list of examples becomes a batch, and the loss of a batch (with metrics to log).
+Both go through the model's renderer (`vlmkit.data.collate.renderer_for`: vlmkit's own processor or a
+pretrained model's chat template), chosen once, so neither knows which kind of model it trains.
+Evaluation is the mean loss over held-out examples.
 
 DPO's reference log-probabilities come from the starting model, computed once before the first step
 and saved in the run folder (`ref_logps.pt`): the reference costs no memory during training, stays
@@ -15,40 +16,28 @@ step's policy equals its reference and its loss is exactly log 2 in bf16 as in f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from vlmkit.data.collate import collate, tokenize_samples
+from vlmkit.data.collate import tokenize
+from vlmkit.data.preferences import collate_pairs, load_preferences, tokenize_pairs
 from vlmkit.data.processor import IGNORE_INDEX
 from vlmkit.data.schema import load_samples
 from vlmkit.errors import VlmkitError
+from vlmkit.io import atomic_write
+from vlmkit.train.dpo import dpo_step_loss, sequence_logps
 
 REF_LOGPS = "ref_logps.pt"
-
-
-@dataclass(frozen=True)
-class TemplatePair:
-    """A preference pair rendered through a pretrained model's template; labels cover only the reply."""
-
-    chosen: object  # vlmkit.data.template.TemplateExample
-    rejected: object
-    images: tuple
-    where: str
-
-    @property
-    def length(self) -> int:
-        return max(self.chosen.length, self.rejected.length)
 
 
 class Sft:
     name = "sft"
 
-    def __init__(self, cfg, processor, family, images):
-        self.cfg, self.processor, self.family, self.images = cfg, processor, family, images
-        self.own = family.name == "vlmkit"
-        self.pad_id = processor.tokenizer.pad_token_id
+    def __init__(self, cfg, renderer, images):
+        self.cfg, self.renderer, self.images = cfg, renderer, images
 
     @staticmethod
     def read(path):
@@ -56,19 +45,10 @@ class Sft:
 
     def tokenize(self, samples):
         """(examples, n_skipped)."""
-        cfg = self.cfg
-        if self.own:
-            return tokenize_samples(samples, self.processor, cfg.max_length, cfg.skip_too_long)
-        from vlmkit.data.template import tokenize_with_template
-
-        return tokenize_with_template(samples, self.processor, self.family, cfg.max_length, cfg.skip_too_long)
+        return tokenize(samples, self.renderer, self.cfg.max_length, self.cfg.skip_too_long)
 
     def batch(self, chunk) -> dict:
-        if self.own:
-            return collate(chunk, self.pad_id, self.images)
-        from vlmkit.data.template import collate_with_template
-
-        return collate_with_template(chunk, self.processor, self.family)
+        return self.renderer.collate(chunk, self.images)
 
     def loss(self, model, batch) -> tuple[torch.Tensor, dict]:
         return model(**batch).loss, {}
@@ -100,67 +80,31 @@ class Sft:
 class Dpo(Sft):
     name = "dpo"
 
-    def __init__(self, cfg, processor, family, images):
-        super().__init__(cfg, processor, family, images)
-        self.ref: dict[int, tuple[float, float]] = {}  # id(example) -> (chosen, rejected) reference log-probs
+    def __init__(self, cfg, renderer, images):
+        super().__init__(cfg, renderer, images)
+        self.ref: dict[int, tuple[float, float]] = {}  # id(pair) -> (chosen, rejected) reference log-probs
 
     @staticmethod
     def read(path):
-        from vlmkit.train.dpo import load_preferences
-
         return load_preferences(path)
 
     def tokenize(self, samples):
-        from vlmkit.train.dpo import tokenize_pair
-
-        if self.own:
-            return [tokenize_pair(s, self.processor, self.cfg.max_length) for s in samples], 0
-        return [self._template_pair(s) for s in samples], 0
-
-    def _template_pair(self, sample) -> TemplatePair:
-        from dataclasses import replace
-
-        from vlmkit.data.template import TemplateRenderer
-
-        renderer = TemplateRenderer(self.processor, self.family)
-        sides = []
-        for reply in (sample.chosen, sample.rejected):
-            example = renderer.render(sample.prompt + reply, list(sample.images), sample.where)
-            if len(example.input_ids) > self.cfg.max_length:
-                raise VlmkitError(f"{sample.where}: {len(example.input_ids)} tokens, over max_length={self.cfg.max_length}")
-            first = _last_span_start(example.labels)  # earlier assistant turns belong to the prompt
-            sides.append(replace(example, labels=[IGNORE_INDEX] * first + example.labels[first:]))
-        return TemplatePair(sides[0], sides[1], tuple(str(p) for p in sample.images), sample.where)
+        return tokenize_pairs(samples, self.renderer, self.cfg.max_length), 0
 
     def batch(self, chunk) -> dict:
-        if self.own:
-            from vlmkit.train.dpo import collate_pairs
-
-            batch = collate_pairs(chunk, self.pad_id, self.images)
-        else:
-            batch = self._template_batch(chunk)
+        batch = collate_pairs(chunk, self.renderer, self.images)
         if self.ref:
             batch["ref_chosen_logps"] = torch.tensor([self.ref[id(p)][0] for p in chunk])
             batch["ref_rejected_logps"] = torch.tensor([self.ref[id(p)][1] for p in chunk])
         return batch
 
-    def _template_batch(self, chunk) -> dict:
-        """Chosen rows then rejected rows through the processor, as one (2B, T) batch."""
-        from vlmkit.data.template import collate_with_template
-
-        both = collate_with_template([p.chosen for p in chunk] + [p.rejected for p in chunk], self.processor, self.family)
-        labels = both.pop("labels")
-        return {"pair_inputs": both, "pair_labels": labels}
-
     def loss(self, model, batch) -> tuple[torch.Tensor, dict]:
-        from vlmkit.train.dpo import dpo_step_loss
-
         return dpo_step_loss(model, batch, beta=self.cfg.beta)
 
     @staticmethod
     def weight(batch) -> int:
         """DPO's loss is a mean over pairs."""
-        return int(batch["pair_labels"].shape[0] // 2 if "pair_labels" in batch else batch["chosen_input_ids"].shape[0])
+        return int(batch["pair_labels"].shape[0] // 2)
 
     @torch.no_grad()
     def eval(self, model, examples, batch_size: int, to_device) -> float:
@@ -187,38 +131,20 @@ class Dpo(Sft):
         with autocast():
             self._reference(model, chunks, to_device)
         values = torch.tensor([self.ref[id(e)] for e in examples])
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(values, tmp)
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: torch.save(values, tmp))
 
     def _reference(self, model, chunks, to_device) -> None:
-        from tqdm.auto import tqdm
-        import sys
-
-        from vlmkit.train.dpo import concat_pairs, sequence_logps
-
         was_training = model.training
         model.eval()
         saved, self.ref = self.ref, {}  # no reference keys in these batches
         for chunk in tqdm(chunks, desc="reference log-probs", unit="batch", file=sys.stderr):
             batch = to_device(self.batch(chunk))
-            inputs, labels = concat_pairs(batch, self.pad_id)
-            logps = sequence_logps(model(**inputs).logits, labels).float().cpu()
+            logps = sequence_logps(model(**batch["pair_inputs"]).logits, batch["pair_labels"]).float().cpu()
             n = len(chunk)
             saved.update({id(e): (logps[k].item(), logps[n + k].item()) for k, e in enumerate(chunk)})
         self.ref = saved
         model.train(was_training)
 
 
-def _last_span_start(labels: list[int]) -> int:
-    """Index where the last run of labelled tokens starts (the final assistant turn)."""
-    i = len(labels)
-    while i > 0 and labels[i - 1] == IGNORE_INDEX:
-        i -= 1
-    while i > 0 and labels[i - 1] != IGNORE_INDEX:
-        i -= 1
-    return i
-
-
-def objective_for(cfg, processor, family, images):
-    return (Dpo if cfg.method == "dpo" else Sft)(cfg, processor, family, images)
+def objective_for(cfg, renderer, images):
+    return (Dpo if cfg.method == "dpo" else Sft)(cfg, renderer, images)

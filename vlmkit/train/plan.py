@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from vlmkit.config import TrainConfig
+from vlmkit.device import resolve_device, training_precision
 from vlmkit.errors import VlmkitError
 
 METHODS = ("full", "lora", "qlora", "align")
@@ -160,7 +162,7 @@ def estimate(
     targets: tuple[str, ...] = ()
     adapter = 0
     if method in ("lora", "qlora"):
-        from vlmkit.train.lora import chosen_targets
+        from vlmkit.model.lora import chosen_targets
 
         targets = tuple(chosen_targets(lm, lora_targets))
         adapter = lora_param_count(lm, targets, lora_r)
@@ -303,3 +305,19 @@ def _bytes(n: float) -> str:
     if n >= 2**30:
         return f"{n / 2**30:.2f} GiB"
     return f"{n / 2**20:.1f} MiB"
+
+
+def plan_run(cfg: TrainConfig) -> str:
+    """`vlmkit train --dry-run`: what the run would train and an estimate of its peak memory."""
+    from vlmkit.build import for_training
+
+    model, _ = for_training(cfg)
+    device = resolve_device()
+    method = "align" if cfg.stage == "align" else ("lora" if cfg.method == "dpo" and cfg.uses_lora else cfg.method)
+    method = "full" if method == "dpo" else method
+    batch = cfg.batch_size * (2 if cfg.method == "dpo" else 1)  # DPO scores chosen and rejected together
+    plan = estimate(
+        model, method, batch, cfg.max_length, training_precision(cfg.precision, device).bf16, cfg.gradient_checkpointing,
+        lora_r=cfg.lora_r or 16, trainable_groups=("vision_tower",) if cfg.train_vision else (), lora_targets=cfg.lora_targets,
+    )
+    return plan.table() + f"\n(batch {cfg.batch_size}, max_length {cfg.max_length}; device {device})"

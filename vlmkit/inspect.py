@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from vlmkit.data.images import load_image
+from vlmkit.data.messages import user_turn
 from vlmkit.data.processor import IMAGE_TOKEN
 from vlmkit.model.projector import grid_side
 
@@ -62,7 +63,7 @@ def inspect_model(path: str, image: str | None = None, prompt: str = DEFAULT_PRO
 def _as_trained_by_default(model) -> None:
     """Mark parameters trainable as the default training run would: projector and LM, tower frozen."""
     from vlmkit.config import TrainConfig
-    from vlmkit.train.loop import set_trainable
+    from vlmkit.train.stages import set_trainable
 
     set_trainable(model, TrainConfig())
 
@@ -120,7 +121,7 @@ def _image_path(model, processor, picture: Image.Image | None) -> list[str]:
 
 
 def _prompt_path(processor, prompt: str) -> list[str]:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    messages = user_turn(prompt)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids, _ = processor.render(messages, add_generation_prompt=True)
     # the two paths (the template for generation, `render` for training) must give the same tokens
@@ -184,7 +185,7 @@ def inspect_pretrained(vlm, path: str, picture: Image.Image | None, prompt: str)
         lines += [_param_row(part, module.parameters()) + f"  {name} ({type(module).__name__})"]
     lines += [_param_row("all", model.parameters())]
 
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    messages = user_turn(prompt)
     blank = Image.new("RGB", (256, 256), (128, 128, 128))
     shown = picture or blank
     inputs = engine.inputs([messages], [[shown]])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from vlmkit.errors import VlmkitError
+from vlmkit.model.quantize import quiet_bitsandbytes
 
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj", "c_fc", "qkv_proj", "gate_up_proj", "dense", "fc1", "fc2")
 
@@ -38,6 +39,7 @@ def chosen_targets(lm: nn.Module, spec: str) -> list[str]:
 
 def add_lora(model, cfg) -> list[nn.Parameter]:
     """Wrap the LM's projections in LoRA adapters in place; returns the adapter parameters."""
+    quiet_bitsandbytes()
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from vlmkit.errors import VlmkitError
+from vlmkit.io import atomic_write_folder, save_pretrained_atomic
 
 ADAPTER_CONFIG = "vlmkit_adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -31,8 +32,7 @@ def save_adapter(model, processor, cfg, folder: Path, state_dict: dict | None = 
     `state_dict` when given: a sharded model's tensors, gathered)."""
     from safetensors.torch import save_file
 
-    from vlmkit.train.checkpoint import write_folder_atomic
-    from vlmkit.train.lora import language_model
+    from vlmkit.model.lora import language_model
 
     base = str(Path(cfg.model).expanduser().resolve()) if Path(cfg.model).expanduser().exists() else cfg.model
     meta = {
@@ -52,7 +52,7 @@ def save_adapter(model, processor, cfg, folder: Path, state_dict: dict | None = 
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         processor.save_pretrained(tmp)
 
-    write_folder_atomic(folder, write)
+    atomic_write_folder(folder, write)
 
 
 def lm_target_modules_of_base(lm) -> list[str]:
@@ -68,7 +68,7 @@ def load_adapter(path: str | Path, device: str | torch.device = "cpu", dtype: to
     from transformers import AutoProcessor
 
     from vlmkit.model.pretrained import load_pretrained
-    from vlmkit.train.lora import add_lora, merge_lora
+    from vlmkit.model.lora import add_lora, merge_lora
 
     path = Path(path)
     meta = json.loads((path / ADAPTER_CONFIG).read_text())
@@ -94,8 +94,6 @@ def load_adapter(path: str | Path, device: str | torch.device = "cpu", dtype: to
 
 def merge_to_folder(adapter: str | Path, out: str | Path) -> Path:
     """`vlmkit merge`: the adapter merged into its base, saved as a standalone transformers model."""
-    from vlmkit.train.checkpoint import save_model_atomic
-
     adapter = Path(adapter)
     if not is_adapter_dir(adapter) and is_adapter_dir(adapter / "model"):
         adapter = adapter / "model"  # the run folder was given
@@ -106,5 +104,5 @@ def merge_to_folder(adapter: str | Path, out: str | Path) -> Path:
         )
     model, processor = load_adapter(adapter)
     model.requires_grad_(False)
-    save_model_atomic(model, processor, Path(out))
+    save_pretrained_atomic(model, processor, Path(out))
     return Path(out)

@@ -30,13 +30,15 @@ pixels, same logits), and only then renamed into place.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from vlmkit.build import load_model, model_folder
+from vlmkit.data.messages import user_turn
 from vlmkit.errors import VlmkitError
+from vlmkit.io import atomic_write_folder
+from vlmkit.model.vlm import VlmkitConfig, is_vlmkit_dir
 
 # tower model_type -> (Llava's vision_feature_select_strategy, tokens before the patches)
 LLAVA_TOWERS = {"clip_vision_model": ("default", 1), "siglip_vision_model": ("full", 0)}
@@ -202,7 +204,7 @@ def _verify(model, processor, folder: Path) -> None:
 
     llava = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     llava_processor = AutoProcessor.from_pretrained(folder)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROBE_PROMPT}]}]
+    messages = user_turn(PROBE_PROMPT)
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     image = _probe_image(model.config.vision["config"]["image_size"])
     ours = processor(images=[image], text=prompt)
@@ -231,10 +233,8 @@ def export_llava(model_dir: str, out_dir: str, verify: bool = True) -> str:
 
     `out_dir` must not exist (or be empty): it appears whole or not at all. `verify=False` skips loading
     the export back for the logits check (which holds two copies of the model in memory)."""
-    from vlmkit.model.build import is_vlmkit_dir, load_model
-    from vlmkit.model.vlm import VlmkitConfig
 
-    src, out = Path(model_dir), Path(out_dir)
+    src, out = Path(model_folder(model_dir)), Path(out_dir)  # a run folder names its model
     if not is_vlmkit_dir(src):
         raise VlmkitError(f"{src}: not a vlmkit model folder (no config.json with model_type 'vlmkit')")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -252,11 +252,7 @@ def export_llava(model_dir: str, out_dir: str, verify: bool = True) -> str:
 
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    def write(tmp: Path) -> None:
         llava_config.architectures = ["LlavaForConditionalGeneration"]
         llava_config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
@@ -264,11 +260,8 @@ def export_llava(model_dir: str, out_dir: str, verify: bool = True) -> str:
         _llava_processor(model, processor).save_pretrained(tmp)
         if verify:
             _verify(model, processor, tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write_folder(out, write)
     vision, text = llava_config.vision_config, llava_config.text_config
     return (
         f"wrote Llava checkpoint {out}: {vision.model_type} layer {llava_config.vision_feature_layer} "

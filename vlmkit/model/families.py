@@ -63,34 +63,3 @@ GENERIC = Family("generic")  # any other image-text-to-text model: its own chat 
 
 def family_of(model_type: str) -> Family:
     return FAMILIES.get(model_type) if model_type in FAMILIES else GENERIC
-
-
-def normalise_messages(messages: list[dict]) -> list[dict]:
-    """Every `content` as a list of parts (some templates iterate over it and break on a string)."""
-    out = []
-    for m in messages:
-        content = m["content"]
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-        out.append({"role": m["role"], "content": parts})
-    return out
-
-
-def fold_system(messages: list[dict]) -> list[dict]:
-    """For templates without a system role: the system text opens the first user message."""
-    if not messages or messages[0]["role"] != "system":
-        return messages
-    system = " ".join(p["text"] for p in messages[0]["content"] if p["type"] == "text").strip()
-    rest = [dict(m) for m in messages[1:]]
-    for m in rest:
-        if m["role"] == "user":
-            m["content"] = [{"type": "text", "text": system + "\n\n"}] + list(m["content"])
-            break
-    return rest
-
-
-def plain_prompt(messages: list[dict], family: Family) -> str:
-    """The prompt of a family without a chat template: the user's text of a single-turn conversation."""
-    users = [m for m in messages if m["role"] == "user"]
-    if len(users) != 1 or any(m["role"] == "assistant" for m in messages):
-        raise ValueError(f"{family.name} models take one user message, not a multi-turn conversation")
-    return " ".join(p["text"] for p in users[0]["content"] if p["type"] == "text").strip()

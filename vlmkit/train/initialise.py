@@ -1,0 +1,92 @@
+"""Initialise from data: the steps between tokenizing the training set and the first optimizer step of a
+new composition, each a config key, each using the training data itself.
+
+- `standardize_features` (default on): the projector's inputs are standardised with the training images'
+  per-channel feature statistics (a frozen CNN's pooled features are dominated by what every image
+  shares);
+- `projector_init=text`: the projector's last layer is fitted in closed form so that each image's
+  tokens start at the words its training replies say (`reply_targets`);
+- `position_words` (with `image_positions`): the image-position embeddings start at the LM's words for
+  the grid's columns (" left", " right"), at the norm of the projector's output.
+
+Models given as `model=` (already trained) are left as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+
+from vlmkit.config import TrainConfig
+from vlmkit.data.processor import IGNORE_INDEX, grid_column_words
+from vlmkit.errors import VlmkitError
+from vlmkit.model.projector import grid_side
+from vlmkit.train.features import ImageSource, features_for
+
+STATS_IMAGES = 1024  # images whose features set the statistics when they are not cached (one tower pass each)
+POSITION_IMAGES = 256  # images whose projected norm sets the position embeddings' scale
+
+
+def initialise_from_data(model, tokenizer, cfg: TrainConfig, examples, images: ImageSource, say) -> None:
+    """Run the enabled steps above on a new composition; `examples` are the tokenized training set."""
+    if cfg.model:
+        return
+    paths = list(dict.fromkeys(p for e in examples for p in e.images))
+    if cfg.standardize_features and paths:
+        stats_paths = paths if images.cache is not None else paths[:STATS_IMAGES]
+        model.set_feature_stats(features_for(model, images, stats_paths))
+    if cfg.projector_init == "text":
+        r2 = start_projector_at_text(model, examples, images)
+        say(f"projector_init=text: image tokens start at the words of their replies (fit R^2 {r2:.2f})")
+    if cfg.position_words and paths:
+        start_positions_at_words(model, tokenizer, images, paths[:POSITION_IMAGES])
+
+
+def word_embeddings(model, tokenizer, words: list[str]) -> torch.Tensor:
+    """(len(words), H): the LM's input embedding of each word (a word split into tokens: their mean)."""
+    table = model.get_input_embeddings().weight.detach()
+    return torch.stack([table[tokenizer(w, add_special_tokens=False).input_ids].mean(0) for w in words])
+
+
+def start_positions_at_words(model, tokenizer, images: ImageSource, paths: list[str]) -> None:
+    """`position_words`: each image-position embedding starts at its grid column's word, at the norm of the
+    projector's output on the images at `paths`."""
+    if not hasattr(model, "set_position_words"):
+        raise VlmkitError(f"position_words: {type(model).__name__} has no image-position embeddings to start")
+    words = grid_column_words(grid_side(model.config.image_tokens), key="position_words")
+    model.set_position_words(word_embeddings(model, tokenizer, words), features_for(model, images, paths))
+
+
+def reply_targets(model, examples) -> tuple[list[str], torch.Tensor]:
+    """For each training image, the mean input embedding of the tokens the replies about it are trained
+    on, each token weighted by its rarity (inverse document frequency over images), so that words said
+    about every image ("a", the end-of-turn token) weigh nothing and the words that tell images apart
+    ("red", "circle") weigh most. Samples with several images are left out (whose words are
+    whose is unknown). Returns (image paths, (N, H) targets)."""
+    said: dict[str, list[int]] = {}
+    for e in examples:
+        if len(e.images) == 1:
+            said.setdefault(e.images[0], []).extend(t for t, label in zip(e.input_ids, e.labels) if label != IGNORE_INDEX)
+    counts = Counter(t for tokens in said.values() for t in set(tokens))
+    idf = {t: math.log(len(said) / c) for t, c in counts.items()}
+    table = model.get_input_embeddings().weight.detach().float()
+    paths, targets = [], []
+    for path, tokens in said.items():
+        weights = torch.tensor([idf[t] for t in tokens])
+        if weights.sum() > 0:
+            paths.append(path)
+            targets.append((weights[:, None] * table[torch.tensor(tokens)].cpu()).sum(0) / weights.sum())
+    return paths, torch.stack(targets) if targets else torch.zeros(0, table.shape[1])
+
+
+def start_projector_at_text(model, examples, images: ImageSource) -> float:
+    """`projector_init=text`: fit the projector's last layer (ridge regression, one solve) so that each
+    image's tokens predict the words its replies say (`reply_targets`). Returns the fit's R^2."""
+    if not hasattr(model, "fit_projector_head"):
+        raise VlmkitError(f"projector_init=text: {type(model).__name__} is not a composed vlmkit model")
+    paths, targets = reply_targets(model, examples)
+    if len(paths) < 2:
+        raise VlmkitError("projector_init=text needs trained replies about at least 2 single-image samples")
+    return model.fit_projector_head(features_for(model, images, paths), targets)

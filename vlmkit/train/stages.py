@@ -1,0 +1,39 @@
+"""What trains: the stages (`align`: projector only; `sft`: projector + LM, in full or with LoRA) as
+parameter groups with one learning rate per part, and which modules stay in eval mode.
+"""
+
+from __future__ import annotations
+
+from vlmkit.config import TrainConfig
+from vlmkit.errors import VlmkitError
+from vlmkit.model.lora import add_lora
+from vlmkit.model.parts import find_part, part_parameters
+
+
+def set_trainable(model, cfg: TrainConfig) -> list[dict]:
+    """Freeze/unfreeze by stage; returns the optimizer's parameter groups (one lr per part)."""
+    model.requires_grad_(False)
+    parts = part_parameters(model)
+    if not parts["projector"]:
+        raise VlmkitError(f"{type(model).__name__}: no projector module found to train")
+    groups = [{"params": parts["projector"], "lr": cfg.projector_lr, "name": "projector"}]
+    if cfg.train_vision:
+        groups.append({"params": parts["vision"], "lr": cfg.vision_lr, "name": "vision"})
+    if cfg.stage == "sft":
+        if cfg.uses_lora:
+            lora_params = add_lora(model, cfg)
+            groups.append({"params": lora_params, "lr": cfg.lr, "name": "lora"})
+        else:
+            groups.append({"params": parts["language"], "lr": cfg.lr, "name": "llm"})
+    for group in groups:
+        for p in group["params"]:
+            p.requires_grad_(True)
+    return groups
+
+
+def train_mode(model, cfg: TrainConfig) -> None:
+    """Training mode, except a frozen tower stays in eval mode (its BatchNorm statistics must not move)."""
+    model.train()
+    tower = find_part(model, "vision")
+    if not cfg.train_vision and tower is not None:
+        tower[1].eval()
