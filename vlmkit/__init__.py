@@ -1,4 +1,4 @@
-"""vlmkit: build, train, fine-tune, evaluate and serve vision-language models."""
+"""vlmkit: build, train, fine-tune, evaluate and run vision-language models."""
 
 __version__ = "0.1.0"
 

@@ -228,14 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/quickstart", help="run folder (default runs/quickstart)")
     p.add_argument("--minutes", type=float, default=None,
                    help="training budget in minutes on 2 CPU cores, scaling the number of steps (default 10: 750 "
-                   "steps of 4, measured 0.945 held-out exact match in 9.4 minutes; 5 trains 375 steps)")
+                   "steps of 4; 5 trains 375 steps); measured results: docs/experiments.md")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides, as for `vlmkit train`")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("train", help="train or fine-tune a VLM on a JSONL dataset",
                        description="Train a VLM. Config keys come from CONFIG.yaml and/or key=value arguments "
-                       "(e.g. vision=./my_clip llm=./my_lm stage=align max_steps=100 lr=1e-4); see vlmkit/config.py "
-                       "or README for the full list.")
+                       "(e.g. vision=./my_clip llm=./my_lm stage=align max_steps=100 lr=1e-4); every key and its default: "
+                       "docs/config.md.")
     p.add_argument("config", nargs="?", default=None, help="optional YAML config file")
     p.add_argument("--data", help="training data (JSONL chat format or LLaVA JSON)")
     p.add_argument("--eval-data", help="held-out data for eval loss")

@@ -6,9 +6,9 @@
 4. Saves the model (`DIR/model`), the report (`DIR/eval.json`, as `vlmkit eval` writes it), the loss
    curves (`DIR/loss.png`, TensorBoard logs in `DIR/logs`) and prints a summary.
 
-The recipe (RECIPE below) meets the target (>= 0.9 held-out exact match with under 10 minutes of
-training on 2 CPU cores: 0.945 in 9.4 minutes); the README's Benchmarks section records what was
-measured, and bench/quickstart.py measures it again.
+The recipe (RECIPE below) was chosen by measurement against the target (>= 0.9 held-out exact match
+with under 10 minutes of training on 2 CPU cores); docs/experiments.md records the measurements, and
+bench/quickstart.py repeats them.
 """
 
 from __future__ import annotations
@@ -21,34 +21,31 @@ from pathlib import Path
 from vlmkit.config import load_config
 from vlmkit.data.shapes import make_shapes_dataset
 
-# Chosen by measurement on 2 CPU cores (README, Benchmarks); each is an ordinary `vlmkit train` key.
+# Chosen by measurement on 2 CPU cores (docs/experiments.md; each key's reason: docs/config.md); each is
+# an ordinary `vlmkit train` key.
 RECIPE = {
     "stage": "sft",
-    "method": "lora",  # LoRA r16 on the LM beside the projector: as fast a step as projector-only (0.78 vs 0.71)
-    "lora_targets": "q_proj,k_proj,v_proj,o_proj",  # attention only: 12-20% faster steps than every projection, 0.965 either way
-    "lr": 5e-4,  # LoRA; 1e-3 was worse
+    "method": "lora",  # LoRA r16 on the LM beside the projector: learns more per step than projector-only
+    "lora_targets": "q_proj,k_proj,v_proj,o_proj",  # attention only: a cheaper step than every projection, as accurate
+    "lr": 5e-4,  # LoRA
     "projector_lr": 1e-3,
     "image_tokens": 4,  # a 2x2 grid: one column per half of the scene, and shorter samples than 9 tokens
     "image_size": 192,  # a 6x6 feature grid, which pools evenly to 2x2
     "image_positions": True,  # a learned embedding per image-token position: the CNN's features carry little
     "position_words": True,  # ...starting at the LM's " left" / " right" for the two grid columns
-    "column_words": True,  # each image column after the word " left" / " right" (0.82 -> 0.93, side 0.47 -> 0.76)
-    "projector_init": "text",  # image tokens start at the words said about their image (with both: 0.965)
-    "batch_size": 4,  # 0.72 s a step against 1.1 for 8: more steps in the same minutes
-    "group_by_length": True,  # captions beside one-word answers: 14% fewer (padding) tokens a step
-    "epochs": 1.5,  # 750 steps (with LoRA on every projection they took 10.3 minutes on the bench)
+    "column_words": True,  # each image column after the word " left" / " right"
+    "projector_init": "text",  # image tokens start at the words said about their image
+    "batch_size": 4,  # more steps in the same minutes than batch 8
+    "group_by_length": True,  # captions beside one-word answers: fewer padding tokens a step
+    "epochs": 1.5,  # 750 steps
     "warmup_ratio": 0.05,
     "save_every": 50,
 }
 # One short conversation per image: what limits learning here is the number of optimizer steps, and
-# single-question samples give ~3x more steps per minute than four questions per image (measured:
-# count questions went from chance to 0.93).
-# Three images in ten ask for the caption instead, which names every shape's colour, kind and side
-# (perhaps making the image tokens read like those words): presence questions went from 0.62 with a
-# tenth to 0.97 at 750 steps (measured; half was worse, 0.65).
-# The image comes before the question, as a passage comes before a question about it in text: given
-# each scene as words, the LM learned every question type within 300 steps that way, while with the
-# question first it still answered presence questions at 0.62 (README, Benchmarks).
+# single-question samples give several times more steps per minute than four questions per image.
+# Three images in ten ask for the caption instead, which names every shape's colour, kind and side.
+# The image comes before the question, as a passage comes before a question about it in text
+# (docs/experiments.md has the measurements behind each).
 TRAIN_IMAGES = 2000
 TEST_IMAGES = 200
 CAPTION_SHARE = 0.3
