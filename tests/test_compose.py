@@ -39,12 +39,18 @@ def test_every_language_model(lm, parts, tmp_path):
 @pytest.mark.parametrize("tower", ["clip", "siglip", "vit", "dinov2"])
 @pytest.mark.parametrize("projector", ["linear", "mlp", "pixel_shuffle"])
 def test_every_tower_and_projector(tower, projector, parts, tmp_path):
-    image_tokens = 4 if projector != "pixel_shuffle" else 4  # pixel_shuffle pools to 4x4 then shuffles 2x2 -> 4
     model, processor = compose(
-        vision=str(make_vision(tmp_path / tower, tower)), llm=parts["llama"], projector=projector, image_tokens=image_tokens
+        vision=str(make_vision(tmp_path / tower, tower)), llm=parts["llama"], projector=projector, image_tokens=4
     )
     pixels = processor.pixel_values([image()])
+    # Every projector gives `image_tokens` tokens per image. The towers' grid is 4x4 (32 px, patch 8): linear and
+    # mlp pool it to 2x2; pixel_shuffle keeps a grid twice as fine (4x4) and folds each 2x2 block into one token.
+    side = 4 if projector == "pixel_shuffle" else 2
+    assert model.encode_images(pixels).shape == (1, side, side, model.config.vision_hidden_size)
     assert model.get_image_features(pixels).shape == (1, 4, model.config.text_config.hidden_size)
+    text = processor.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    ids = processor(images=[image()], text=text)["input_ids"]
+    assert int((ids == processor.image_token_id).sum()) == 4  # and the processor writes as many image tokens
     roundtrip(model, processor, tmp_path)
 
 

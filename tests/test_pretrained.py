@@ -103,7 +103,12 @@ def test_several_images_in_one_prompt(folders, pictures, family):
     two = vlm.engine.inputs([[_question(n_images=2)]], [[pictures[0], pictures[0]]])["input_ids"]
     image_id = vlm.model.config.image_token_id
     assert int((two == image_id).sum()) == 2 * int((one == image_id).sum())
-    assert isinstance(vlm.generate([_question(n_images=2)], [pictures[0], pictures[1]], max_new_tokens=3), str)
+    images = [Image.open(p).convert("RGB") for p in pictures[:2]]
+    expected, direct = _direct(folders[family], family, [_question(n_images=2)], images)
+    ours = vlm.engine.inputs([[_question(n_images=2)]], [pictures[:2]])  # both images, in order
+    assert torch.equal(ours["input_ids"], direct["input_ids"])
+    assert torch.equal(ours["pixel_values"], direct["pixel_values"])
+    assert vlm.generate([_question(n_images=2)], pictures[:2], max_new_tokens=6) == expected
 
 
 def test_media_count_mismatch_is_one_clear_error(folders, pictures):

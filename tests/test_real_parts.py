@@ -1,12 +1,14 @@
 """The real default parts (EfficientNet-Lite0 ImageNet weights + SmolLM2-135M-Instruct GGUF), a few steps.
 
 Slow (about two minutes on 2 CPU cores) but it is the one test that proves the default path works:
-the GGUF loads, the features are cached, the loss falls, and the trained model answers in words.
+the GGUF loads, the features are cached, the loss falls, the trained model answers in the data's words and
+stops (the untrained one says "The answer is"), and what it says depends on the image.
 """
 
 import json
 
 import pytest
+import torch
 
 from vlmkit.config import load_config
 from vlmkit.data.shapes import make_shapes_dataset
@@ -24,9 +26,17 @@ def test_default_parts_train_and_answer(tmp_path):
     assert last < 0.5 * first, (first, last)
 
     vlm = load(summary["model"])
-    image = sorted((tmp_path / "data" / "images").glob("*.png"))[0]
-    reply = vlm.ask(str(image), "How many shapes are there?", max_new_tokens=4)
-    assert reply.strip() != "" and len(reply) < 40
+    images = [str(p) for p in sorted((tmp_path / "data" / "images").glob("*.png"))[:2]]
+    question = "How many shapes are there?"
+    # the shapes data answers this with "1" or "2" and nothing else: one word, then <|im_end|>, which decoding drops
+    assert vlm.ask(images[0], question, max_new_tokens=4) in {"1", "2"}
+
+    # the image reaches the LM: two pictures, two different next-token distributions (total variation
+    # measured 0.08 to 0.11 between training images; exactly 0 if the image were ignored)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    with torch.no_grad():
+        p, q = (vlm.model(**vlm.engine.inputs([conversation], [[i]])).logits[0, -1].softmax(-1) for i in images)
+    assert 0.5 * (p - q).abs().sum() > 0.01
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def test_answers_follow_from_the_scene():
                     side = q.removeprefix("What colour is the shape on the ").removesuffix("?")
                     assert a == shapes[0 if side == "left" else 1].colour
         else:
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="^position questions need two shapes$"):
                 make_question(scene, "position", rng)
         for s in shapes:
             assert s.name in caption(scene)

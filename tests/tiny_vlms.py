@@ -3,7 +3,7 @@ config, generation config, processor + image/video processor, tokenizer and the 
 that `AutoProcessor.from_pretrained(folder)` and `AutoModelForImageTextToText.from_pretrained(folder)` load them and
 `model.generate(**processor(images=..., text=...))` works. Everything is built offline, in well under 2 s per family.
 
-Caller quirks, per family (see also `IMAGES_NESTED`, `NO_CHAT_TEMPLATE`, `REJECTS_SYSTEM`, `VIDEO_FAMILIES`):
+Caller quirks, per family (see also `IMAGES_NESTED`, `NO_CHAT_TEMPLATE`, `VIDEO_FAMILIES`):
 - smolvlm / idefics3: pass images nested per sample (`images=[[img]]` for one prompt). Every image is resized to
   64 px on its longest edge and split into up to 2x2 tiles of 32 px plus a global view; each view costs
   `processor.image_seq_len` (= 4) `<image>` tokens, e.g. 20 for a 40x48 image. smolvlm video: the prompt holds
@@ -20,8 +20,8 @@ Caller quirks, per family (see also `IMAGES_NESTED`, `NO_CHAT_TEMPLATE`, `REJECT
 - paligemma: no chat template; prompt "<image>question" (or the bare question: the processor then prepends the
   `<image>`s, with a logged warning) -> 16 `<image>` tokens, then `<bos>`, the question and "\n". Its processor
   adds 1024 `<locXXXX>` + 128 `<segXXX>` tokens, so its vocabulary is ~1.5k.
-- No family's real template rejects a system message (`REJECTS_SYSTEM` is empty): smolvlm/idefics3 render
-  "System: ...", llava drops the role name and keeps the text, llava_next renders <<SYS>>, qwen a system turn.
+- No family's real template rejects a system message: smolvlm/idefics3 render "System: ...", llava drops the
+  role name and keeps the text, llava_next renders <<SYS>>, qwen a system turn.
 """
 
 from __future__ import annotations
@@ -37,9 +37,6 @@ NO_CHAT_TEMPLATE = {
     "paligemma": "PaliGemma (pt/mix) checkpoints ship no chat template; prompts are plain task prefixes like "
     "'caption en' and the processor prepends the image tokens and <bos>.",
 }
-# Families whose real chat template raises on a system message (none of these do: smolvlm/idefics3 render
-# 'System: ...', llava drops the role name, llava_next renders <<SYS>>, qwen renders a system turn).
-REJECTS_SYSTEM: frozenset[str] = frozenset()
 # Families whose processor wants `images` nested per sample: `[[img_a], [img_b, img_c]]`.
 IMAGES_NESTED = frozenset({"smolvlm", "idefics3"})
 # Families whose processor also takes `videos=`.
