@@ -344,7 +344,7 @@ def test_a_generation_prompt_ending_with_a_space_trains_on_what_inference_sees(f
     assert example.completion  # the turn-by-turn render was not token-aligned
     prompt = processor.apply_chat_template(sample.messages[:1], add_generation_prompt=True, tokenize=False)
     assert prompt.endswith("ASSISTANT: ")
-    prompt_ids = processor(text=[prompt], images=[load_image(sample.images[0])])["input_ids"][0].tolist()
+    prompt_ids = processor(text=[prompt], images=[load_image(sample.images[0])], return_tensors="pt")["input_ids"][0].tolist()
     assert example.input_ids[: len(prompt_ids)] == prompt_ids  # what generation feeds the model
     answer = sample.messages[1]["content"][0]["text"]
     trained = processor.tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])

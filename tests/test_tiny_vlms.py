@@ -22,7 +22,7 @@ CLASSES = {  # family -> (processor class, model class)
     "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2_5_VLForConditionalGeneration"),
     "paligemma": ("PaliGemmaProcessor", "PaliGemmaForConditionalGeneration"),
 }
-FAMILY_NAME = {  # model_type -> vlmkit's family (`vlmkit.infer.families`); an unknown one would be "generic"
+FAMILY_NAME = {  # model_type -> vlmkit's family (`vlmkit.model.families`); an unknown one would be "generic"
     "smolvlm": "smolvlm", "idefics3": "idefics3", "llava": "llava", "llava_next": "llava-next",
     "qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2-vl", "paligemma": "paligemma",
 }

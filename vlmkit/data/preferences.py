@@ -175,6 +175,11 @@ class PreferencePair:
     def length(self) -> int:
         return max(self.chosen.length, self.rejected.length)
 
+    @property
+    def images(self) -> tuple:
+        """The prompt's image paths (both sides show the same images)."""
+        return self.chosen.images
+
 
 def tokenize_pairs(samples: list[PreferenceSample], renderer, max_length: int) -> list[PreferencePair]:
     """Render both sides of every pair; labels are -100 everywhere but the final reply (earlier assistant
