@@ -239,3 +239,28 @@ def test_projector_init_is_checked(parts, shapes, tmp_path):
         tiny_config(parts, shapes, tmp_path / "a", "projector_init=words")
     with pytest.raises(VlmkitError, match="projector_init"):
         tiny_config(parts, shapes, tmp_path / "b", "projector_init=text", f"model={tmp_path}")
+
+
+def test_max_minutes_fixes_the_steps_by_timing_and_resumes_exactly(parts, shapes, tmp_path):
+    import yaml
+
+    from vlmkit.train.budget import steps_for
+
+    assert steps_for(10, 0.8) == 750 and steps_for(0.001, 5.0) == 1
+    budget = ["max_steps=0", "max_minutes=0.05", "save_every=0"]  # 3 seconds of tiny steps
+    cut = tmp_path / "cut"
+    assert train(tiny_config(parts, shapes, cut, *budget), stop_after=2) == {"stopped_at": 2}
+    steps = yaml.safe_load((cut / "config.yaml").read_text())["max_steps"]
+    assert steps >= 3 and yaml.safe_load((cut / "config.yaml").read_text())["max_minutes"] == 0.05
+    resumed = train(load_config(str(cut / "config.yaml")), resume=True)  # as `vlmkit train --resume` does
+    assert resumed["steps"] == steps
+    # the timing left no trace: the same steps without a budget give the same weights
+    same = train(tiny_config(parts, shapes, tmp_path / "same", f"max_steps={steps}", "save_every=0"))
+    a, _ = load_model(resumed["model"])
+    b, _ = load_model(same["model"])
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+    whole = train(tiny_config(parts, shapes, tmp_path / "whole", *budget))
+    assert whole["budget"]["steps"] == whole["steps"] and whole["budget"]["seconds_per_step"] > 0
+    assert whole["steps"] == steps_for(0.05, whole["budget"]["seconds_per_step"])

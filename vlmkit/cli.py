@@ -227,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(EfficientNet-Lite0 + SmolLM2-135M, offline), evaluate again and save everything.")
     p.add_argument("--output", default="runs/quickstart", help="run folder (default runs/quickstart)")
     p.add_argument("--minutes", type=float, default=None,
-                   help="training budget in minutes on 2 CPU cores, scaling the number of steps (default 10: 750 "
-                   "steps of 4; 5 trains 375 steps); measured results: docs/experiments.md")
+                   help="train for about this many minutes on this machine (max_minutes: the steps are fixed by "
+                   "timing the first ones); without it, the recipe's 750 steps of 4 (about 10 minutes on 2 CPU "
+                   "cores). Measured results: docs/experiments.md")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides, as for `vlmkit train`")
     p.set_defaults(func=cmd_quickstart)
 

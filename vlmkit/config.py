@@ -57,7 +57,8 @@ class TrainConfig:
     group_by_length: bool = False  # batches of samples of similar length: less padding, faster steps
     # optimisation
     epochs: float = 1.0
-    max_steps: int = 0  # > 0 overrides epochs
+    max_steps: int = 0  # > 0 overrides epochs and max_minutes
+    max_minutes: float = 0.0  # > 0: about this many minutes of steps, the count fixed by timing the first (overrides epochs)
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-4  # language model (and LoRA) learning rate
@@ -99,8 +100,10 @@ class TrainConfig:
             )
         if self.position_words and not self.image_positions:
             raise VlmkitError("config field `position_words` needs `image_positions=true` (the embeddings it starts)")
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise VlmkitError("give `epochs` > 0 or `max_steps` > 0")
+        if self.max_steps <= 0 and self.epochs <= 0 and self.max_minutes <= 0:
+            raise VlmkitError("give `epochs` > 0, `max_steps` > 0 or `max_minutes` > 0")
+        if self.max_minutes < 0:
+            raise VlmkitError(f"config field `max_minutes` must be >= 0 (got {self.max_minutes})")
 
     @property
     def uses_lora(self) -> bool:

@@ -36,6 +36,7 @@ from vlmkit.errors import VlmkitError
 from vlmkit.io import atomic_write_text
 from vlmkit.model.vlm import VlmkitForConditionalGeneration
 from vlmkit.train.batches import batches_from, first_epoch_chunks
+from vlmkit.train.budget import TIMED_STEPS, steps_for, time_steps
 from vlmkit.train.checkpoint import capture_rng, load_checkpoint, save_checkpoint
 from vlmkit.train.distributed import setup
 from vlmkit.train.features import ImageSource
@@ -96,6 +97,7 @@ class Run:
     steps: int = 0
     train_seconds: float = 0.0
     trainable_parameters: int = 0
+    budget: dict | None = None  # max_minutes: what was timed and the steps chosen
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.bf16)
@@ -208,6 +210,11 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
     """Train to the last step (True), or to `stop_after` with a checkpoint written (False)."""
     cfg, dist, model, objective = run.cfg, run.dist, run.model, run.objective
     per_step = cfg.batch_size * cfg.grad_accum
+    rank_slice = slice(dist.rank * cfg.batch_size, (dist.rank + 1) * cfg.batch_size)
+    runner = model if run.fsdp else dist.wrap(model)
+    train_mode(model, cfg)
+    if not cfg.max_steps and cfg.max_minutes > 0:
+        fix_steps_to_budget(run, runner, rank_slice)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(run.examples) / per_step))
     # the fused kernel: one pass over the parameters (much faster than the loop over tensors on CPU)
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in run.groups for p in g["params"])
@@ -231,9 +238,6 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
     )
     # every rank draws the same global batches and trains on its own slice of each
     batches = batches_from(run.examples, cfg.batch_size * dist.world, cfg.seed, step * cfg.grad_accum, cfg.group_by_length)
-    rank_slice = slice(dist.rank * cfg.batch_size, (dist.rank + 1) * cfg.batch_size)
-    runner = model if run.fsdp else dist.wrap(model)
-    train_mode(model, cfg)
     start = time.time()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", file=sys.stderr, disable=not dist.main)
     while step < total_steps:
@@ -277,6 +281,19 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
     return True
 
 
+def fix_steps_to_budget(run: Run, runner, rank_slice: slice) -> None:
+    """`max_minutes`: time the first steps, set `max_steps` to what fits and save it in the run's config."""
+    cfg = run.cfg
+    seconds = time_steps(run, runner, rank_slice)
+    cfg.max_steps = steps_for(cfg.max_minutes, seconds)
+    run.budget = {"max_minutes": cfg.max_minutes, "seconds_per_step": round(seconds, 4), "steps": cfg.max_steps,
+                  "timed_steps": TIMED_STEPS}
+    run.say(f"max_minutes={cfg.max_minutes:g}: {seconds:.3f} s a step over {TIMED_STEPS} timed steps -> "
+            f"max_steps={cfg.max_steps} (saved in config.yaml, so --resume keeps it)")
+    if run.dist.main:
+        cfg.save(run.out / "config.yaml")
+
+
 def finish(run: Run) -> dict:
     """The final eval loss, then rank 0 writes the model, history, plot and summary."""
     cfg, dist, out = run.cfg, run.dist, run.out
@@ -307,6 +324,7 @@ def finish(run: Run) -> dict:
         "skipped_too_long": run.skipped,
         "precision": run.precision.name,
         "precision_reason": run.precision.reason,
+        **({"budget": run.budget} if run.budget else {}),
     }
     atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
     dist.barrier()
