@@ -152,3 +152,18 @@ def test_fixture_is_a_tiny_hub_like_folder(family, folders, vlms):
         with pytest.raises(jinja2.exceptions.TemplateError, match="^Only user and assistant roles are supported!$"):
             tool = {"role": "tool", "content": [{"type": "text", "text": "4"}]}
             processor.apply_chat_template([tool], tokenize=False)
+
+
+def test_a_conversation_the_template_refuses_is_one_clear_error(vlms):
+    """llava_next's template raises on a `tool` role: generation and training both turn that into a
+    VlmkitError (one line for the CLI) naming the model's family and, when training, the sample."""
+    from vlmkit.data.template import TemplateRenderer
+    from vlmkit.errors import VlmkitError
+
+    vlm = vlms("llava_next")
+    tool = [{"role": "tool", "content": [{"type": "text", "text": "4"}]}]
+    with pytest.raises(VlmkitError, match=r"llava-next model's chat template refuses .*Only user and assistant roles"):
+        vlm.engine.prompt(tool)
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "5"}]}
+    with pytest.raises(VlmkitError, match=r"^d\.jsonl:3: the llava-next model's chat template refuses"):
+        TemplateRenderer(vlm.processor, vlm.family).render(tool + [answer], [], "d.jsonl:3")

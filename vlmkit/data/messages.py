@@ -5,6 +5,7 @@ families need (a system turn folded into the first user turn; a plain prompt for
 
 from __future__ import annotations
 
+from vlmkit.errors import VlmkitError, first_line
 from vlmkit.model.families import Family
 
 
@@ -42,3 +43,21 @@ def plain_prompt(messages: list[dict], family: Family) -> str:
     if len(users) != 1 or any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{family.name} models take one user message, not a multi-turn conversation")
     return " ".join(p["text"] for p in users[0]["content"] if p["type"] == "text").strip()
+
+
+def chat_text(processor, family: Family, messages: list[dict], generation_prompt: bool, where: str = "") -> str:
+    """The conversation rendered by the model's chat template (a system turn folded into the first user
+    turn for templates without one). A template that refuses the conversation (a role it does not know,
+    turns out of order) is a `VlmkitError` naming `where`."""
+    from jinja2.exceptions import TemplateError
+
+    if not family.system_turn:
+        messages = fold_system(messages)
+    try:
+        return processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+    except TemplateError as e:
+        prefix = f"{where}: " if where else ""
+        raise VlmkitError(
+            f"{prefix}the {family.name} model's chat template refuses this conversation ({first_line(e)}); "
+            "give it the roles and turn order it takes"
+        ) from None

@@ -22,7 +22,7 @@ import torch
 
 from vlmkit.data.collate import Example
 from vlmkit.data.images import load_image
-from vlmkit.data.messages import fold_system, normalise_messages
+from vlmkit.data.messages import chat_text, normalise_messages
 from vlmkit.data.processor import IGNORE_INDEX
 from vlmkit.errors import VlmkitError
 from vlmkit.model.families import Family
@@ -36,10 +36,8 @@ class TemplateRenderer:
     def __init__(self, processor, family: Family):
         self.processor, self.family = processor, family
 
-    def _text(self, messages: list[dict], generation_prompt: bool) -> str:
-        if not self.family.system_turn:
-            messages = fold_system(messages)
-        return self.processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+    def _text(self, messages: list[dict], generation_prompt: bool, where: str = "") -> str:
+        return chat_text(self.processor, self.family, messages, generation_prompt, where)
 
     def _ids(self, text: str, images: list, suffix: str | None = None) -> dict:
         kwargs = {}
@@ -55,7 +53,7 @@ class TemplateRenderer:
         paths = tuple(str(p) for p in image_paths)
         if not self.family.chat_template:
             return self._render_plain(messages, images, paths, where)
-        full_text = self._text(messages, False)
+        full_text = self._text(messages, False, where)
         ids = self._ids(full_text, images)["input_ids"][0].tolist()
         labels = [IGNORE_INDEX] * len(ids)
         for a, message in enumerate(messages):

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmkit.data.images import load_image
-from vlmkit.data.messages import fold_system, normalise_messages, plain_prompt
+from vlmkit.data.messages import chat_text, normalise_messages, plain_prompt
 from vlmkit.errors import VlmkitError
 from vlmkit.model.families import Family, family_of
 
@@ -80,9 +80,7 @@ class Engine:
                 return getattr(self.processor, "image_token", "<image>") * n_images + plain_prompt(messages, family)
             except ValueError as e:
                 raise VlmkitError(str(e)) from None
-        if not family.system_turn:
-            messages = fold_system(messages)
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return chat_text(self.processor, family, messages, generation_prompt=True)
 
     def inputs(self, conversations: list[list[dict]], media: list[list]) -> dict:
         texts, images, videos = [], [], []
