@@ -6,6 +6,7 @@ stops (the untrained one says "The answer is"), and what it says depends on the 
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -57,3 +58,4 @@ def test_quickstart_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert (out / "model" / "config.json").is_file() and (out / "loss.png").is_file()
     printed = capsys.readouterr().out
     assert "held-out exact match" in printed and f"vlmkit generate --model {out / 'model'}" in printed
+    assert re.search(r"training took [0-9.]+ min in (fp32|bf16) \(auto: ", printed)  # the precision used, and why

@@ -97,6 +97,7 @@ def quickstart(output: str = "runs/quickstart", minutes: float | None = None, ov
         "after": {k: after[k] for k in ("exact_match", "vqa_accuracy", "bleu4", "rougeL", "cider")},
         "by_type": after["by_type"],
         "train_seconds": summary["train_seconds"],
+        "precision": f"{summary['precision']} ({summary['precision_reason']})",
         "total_seconds": round(time.time() - started, 1),
         "model": summary["model"],
         "report": str(out / "eval.json"),
@@ -115,7 +116,8 @@ def print_summary(result: dict, test_file: Path, out: Path) -> None:
         f"  held-out exact match: {b['exact_match']:.3f} before -> {a['exact_match']:.3f} after training "
         f"(VQA accuracy {a['vqa_accuracy']:.3f})",
         "  by question: " + ", ".join(f"{k} {v['exact_match']:.2f}" for k, v in result["by_type"].items()),
-        f"  training took {result['train_seconds'] / 60:.1f} min; everything {result['total_seconds'] / 60:.1f} min",
+        f"  training took {result['train_seconds'] / 60:.1f} min in {result['precision']}; everything "
+        f"{result['total_seconds'] / 60:.1f} min",
         f"  model:  {result['model']}",
         f"  report: {result['report']}  (loss curves: {out / 'loss.png'})",
         "",
