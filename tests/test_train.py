@@ -264,3 +264,13 @@ def test_max_minutes_fixes_the_steps_by_timing_and_resumes_exactly(parts, shapes
     whole = train(tiny_config(parts, shapes, tmp_path / "whole", *budget))
     assert whole["budget"]["steps"] == whole["steps"] and whole["budget"]["seconds_per_step"] > 0
     assert whole["steps"] == steps_for(0.05, whole["budget"]["seconds_per_step"])
+
+
+def test_feature_statistics_are_set_without_cached_features(parts, shapes, tmp_path):
+    """`standardize_features` applies whether or not features are cached (it used to be skipped silently)."""
+    summary = train(tiny_config(parts, shapes, tmp_path / "run", "cache_features=false", "max_steps=1", "lr=0", "projector_lr=0"))
+    model, processor = load_model(summary["model"])
+    paths = sorted({str(p) for s in load_samples(shapes[0]) for p in s.images})
+    with torch.no_grad():
+        features = model.encode_images(processor.pixel_values([load_image(p) for p in paths])).float()
+    assert torch.allclose(model.feature_mean, features.mean((0, 1, 2)), atol=1e-4)
