@@ -1,0 +1,197 @@
+"""Generality benchmark: does the default `vlmkit train` give a good model on a user's own small dataset?
+
+For each dataset of bench/datasets.py (written once, fixed: training split from seed 0, held-out split from
+seed 1, no image in both) and each training seed, trains with the library defaults plus
+`max_minutes=<minutes>` and `seed=<seed>`, evaluates the held-out split with `vlmkit.eval.run.evaluate`
+and prints one markdown table (held-out exact match overall and per question type; BLEU-4 and CIDEr for
+the caption dataset), then the minimum and mean per dataset. `--baseline key=value ...` runs a second
+configuration (the defaults plus those keys) in the same process, beside the first.
+
+    python bench/generality.py [--datasets scenes3 mnist ...] [--minutes 15] [--seeds 0 1 2]
+                               [--output runs/generality] [--baseline key=value ...] [--set key=value ...]
+
+A run folder with a `result.json` is read instead of rerun, so a killed benchmark continues where it
+stopped (a run killed before its result is started over). `--set` applies keys to every configuration
+(e.g. other parts); `--n-train` / `--n-test` write smaller datasets, for a quick look.
+Time: about `minutes` plus a few minutes (feature caching, saving, held-out generation) per run, so the
+defaults (7 datasets x 3 seeds x 15 min) take about 6 hours on 2 CPU cores, per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+# Import bench.datasets as a package module: bench/ itself stays off sys.path, so bench/datasets.py can
+# never shadow the `datasets` package that transformers looks for.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+from bench.datasets import CAPTIONED, DATASETS  # noqa: E402
+
+TRAIN_SEED, TEST_SEED = 0, 1  # the data seeds: the datasets are fixed, only training seeds vary
+SHORT_TOKENS, CAPTION_TOKENS = 12, 64  # max_new_tokens when generating the held-out replies
+
+
+def write_data(name: str, folder: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
+    """The dataset's two splits, written once: a folder that holds both JSONL files is reused."""
+    from vlmkit.io import atomic_write_folder
+
+    train, test = folder / "train.jsonl", folder / "test.jsonl"
+    if not (train.is_file() and test.is_file()):
+        maker = DATASETS[name][0]
+        log(f"writing {name} ({n_train} training, {n_test} held-out samples) to {folder}")
+        atomic_write_folder(folder, lambda tmp: (maker(tmp, "train", n_train, TRAIN_SEED),
+                                                 maker(tmp, "test", n_test, TEST_SEED)))
+    return train, test
+
+
+def text_only_prior(train: Path, test: Path) -> float:
+    """Exact match of answering each held-out question with the training split's most common answer to the
+    same question text (else to questions of its type): what a model that ignores the image can reach."""
+    from vlmkit.data.schema import load_samples, split_reference
+    from vlmkit.eval.metrics import exact_match
+    from vlmkit.eval.run import question_type
+
+    def question(messages: list[dict]) -> str:
+        return " ".join(p["text"] for p in messages[-1]["content"] if p["type"] == "text").strip().lower()
+
+    by_text, by_type = {}, {}
+    for sample in load_samples(train):
+        m = sample.messages
+        for k, turn in enumerate(m):
+            if turn["role"] == "assistant" and k > 0:
+                answer = "".join(p["text"] for p in turn["content"] if p["type"] == "text")
+                by_text.setdefault(question(m[:k]), Counter())[answer] += 1
+                by_type.setdefault(question_type(m[:k]), Counter())[answer] += 1
+    scores = []
+    for sample in load_samples(test):
+        prompt, reference, _ = split_reference(sample)
+        counts = by_text.get(question(prompt)) or by_type.get(question_type(prompt)) or Counter({"": 1})
+        scores.append(exact_match(counts.most_common(1)[0][0], [reference]))
+    return sum(scores) / len(scores)
+
+
+def run_one(run_dir: Path, train_file: Path, test_file: Path, overrides: list[str], max_new_tokens: int) -> dict:
+    """Train with the defaults plus `overrides`, evaluate the held-out split; the result is saved in `run_dir`."""
+    from vlmkit.build import for_training
+    from vlmkit.config import load_config
+    from vlmkit.eval.run import evaluate
+    from vlmkit.infer.engine import Engine
+    from vlmkit.io import atomic_write_text
+    from vlmkit.train.loop import train
+
+    done = run_dir / "result.json"
+    if done.is_file():
+        result = json.loads(done.read_text())
+        log(f"{run_dir}: finished before; reading {done.name}")
+        if result.get("overrides") != overrides:
+            log(f"warning: {done} was trained with {' '.join(result.get('overrides', []))}; delete its folder to rerun")
+        return result
+    if run_dir.exists():  # killed before its result: its minutes would be split, so it starts over
+        log(f"{run_dir}: unfinished run; starting it over")
+        shutil.rmtree(run_dir)
+    cfg = load_config(None, overrides, data=str(train_file), output=str(run_dir))
+    model, processor = for_training(cfg)
+    summary = train(cfg, model_and_processor=(model, processor))
+    report = evaluate(test_file, run_dir / "eval.json", engine=Engine(model.eval(), processor), max_new_tokens=max_new_tokens)
+    result = {
+        "overrides": overrides,
+        "train_seconds": summary["train_seconds"],
+        "steps": summary["steps"],
+        **{k: report[k] for k in ("n", "exact_match", "vqa_accuracy", "bleu4", "rougeL", "cider")},
+        "by_type": report["by_type"],
+    }
+    atomic_write_text(done, json.dumps(result, indent=2) + "\n")
+    del model, processor
+    gc.collect()
+    return result
+
+
+def log(msg: str) -> None:
+    print(f"[generality] {msg}", file=sys.stderr, flush=True)
+
+
+def tables(rows: list[dict], priors: dict[str, float]) -> str:
+    """One row per run, then the minimum and mean per configuration and dataset (markdown)."""
+    lines = [
+        "| config | dataset | seed | train min | steps | held-out exact match | text-only prior | BLEU-4 | CIDEr | exact match by question type |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        types = ", ".join(f"{k} {v['exact_match']:.2f} (n={v['n']})" for k, v in r["by_type"].items())
+        lines.append(
+            f"| {r['config']} | {r['dataset']} | {r['seed']} | {r['train_seconds'] / 60:.1f} | {r['steps']} | "
+            f"{r['exact_match']:.3f} | {priors[r['dataset']]:.3f} | {r['bleu4']:.3f} | {r['cider']:.3f} | {types} |"
+        )
+    lines += ["", "| config | dataset | runs | min exact match | mean exact match | min CIDEr | mean CIDEr |",
+              "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["dataset"]), []).append(r)
+    for (config, dataset), rs in groups.items():
+        em, cider = [r["exact_match"] for r in rs], [r["cider"] for r in rs]
+        caption = (f"{min(cider):.3f} | {sum(cider) / len(cider):.3f}" if dataset in CAPTIONED else "- | -")
+        lines.append(f"| {config} | {dataset} | {len(rs)} | {min(em):.3f} | {sum(em) / len(em):.3f} | {caption} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS), metavar="NAME",
+                        help=f"which datasets (default: all: {', '.join(DATASETS)})")
+    parser.add_argument("--minutes", type=float, default=15.0, help="training minutes per run (max_minutes)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (the data stays fixed)")
+    parser.add_argument("--output", default="runs/generality")
+    parser.add_argument("--baseline", nargs="+", default=None, metavar="key=value",
+                        help="also run a second configuration: the defaults plus these keys")
+    parser.add_argument("--set", nargs="+", default=[], metavar="key=value", help="keys for every configuration")
+    parser.add_argument("--n-train", type=int, default=None, help="training samples per dataset (default: its own)")
+    parser.add_argument("--n-test", type=int, default=None, help="held-out samples per dataset (default: its own)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    out = Path(args.output)
+    configs = {"default": []}
+    if args.baseline:
+        configs["baseline"] = list(args.baseline)
+    rows, priors = [], {}
+    for name in args.datasets:
+        _, n_train, n_test = DATASETS[name]
+        n_train, n_test = args.n_train or n_train, args.n_test or n_test
+        sized = name if (n_train, n_test) == DATASETS[name][1:] else f"{name}-{n_train}x{n_test}"
+        train_file, test_file = write_data(name, out / "data" / sized, n_train, n_test)
+        priors[name] = text_only_prior(train_file, test_file)
+        tokens = CAPTION_TOKENS if name in CAPTIONED else SHORT_TOKENS
+        for seed in args.seeds:
+            for config, keys in configs.items():
+                overrides = [f"max_minutes={args.minutes:g}", f"seed={seed}", *args.set, *keys]
+                log(f"{config} / {sized} / seed {seed}: {' '.join(overrides)}")
+                run_dir = out / "runs" / config / sized / f"seed{seed}"
+                result = run_one(run_dir, train_file, test_file, overrides, tokens)
+                rows.append({"config": config, "dataset": name, "seed": seed, **result})
+
+    machine = (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads; {args.minutes:g} training minutes a run")
+    configs_line = "; ".join(f"{c}: defaults + {' '.join(k) or '(nothing)'}" for c, k in configs.items())
+    text = f"{machine}\n{configs_line}\n\n{tables(rows, priors)}\n"
+    print("\n" + text)
+    from vlmkit.io import atomic_write_text
+
+    atomic_write_text(out / "summary.md", text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

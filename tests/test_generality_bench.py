@@ -1,0 +1,32 @@
+"""bench/generality.py end to end on tiny random parts: data written once, train, evaluate, table, and a
+finished run read back instead of trained again."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import generality  # noqa: E402
+
+
+def test_generality_trains_evaluates_and_reuses_finished_runs(parts, tmp_path, capsys):
+    argv = ["--datasets", "multiturn", "--seeds", "3", "--output", str(tmp_path), "--n-train", "8", "--n-test", "5",
+            "--set", f"vision={parts['clip']}", f"llm={parts['llama']}", "image_tokens=4", "batch_size=4", "max_steps=1",
+            "--baseline", "lr=0"]
+    rows = generality.main(argv)
+    assert [(r["config"], r["dataset"], r["seed"], r["steps"], r["n"]) for r in rows] == [
+        ("default", "multiturn", 3, 1, 5), ("baseline", "multiturn", 3, 1, 5)]
+    run = tmp_path / "runs" / "default" / "multiturn-8x5" / "seed3"
+    assert {"seed=3", "max_minutes=15", "max_steps=1"} <= set(json.loads((run / "result.json").read_text())["overrides"])
+    assert "seed: 3" in (run / "config.yaml").read_text()
+    assert (run / "model").is_dir() and (run / "eval.predictions.jsonl").is_file()
+    assert len((tmp_path / "data" / "multiturn-8x5" / "test.jsonl").read_text().splitlines()) == 5
+    table = capsys.readouterr().out
+    assert "| default | multiturn | 3 |" in table and "| baseline | multiturn | 1 |" in table
+
+    stamp = (run / "result.json").stat().st_mtime_ns
+    again = generality.main(argv)  # finished: read, not retrained
+    assert again == rows and (run / "result.json").stat().st_mtime_ns == stamp
