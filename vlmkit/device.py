@@ -3,8 +3,9 @@
 `precision=auto` picks per device, from measurements (docs/precision.md):
 - CUDA: bf16 autocast where the GPU supports it (every recent NVIDIA GPU), as is standard.
 - CPU: fp32, also on CPUs with native bf16 units (AVX512-BF16, AMX). There bf16 autocast made the
-  quickstart's step 1.2x faster but its held-out accuracy lower (docs/precision.md), and on CPUs
-  without those units bf16 is emulated and slower than fp32. `precision=bf16` still asks for it.
+  quickstart's steps faster but its held-out accuracy lower over seeds (docs/precision.md has the
+  figures), and on CPUs without those units bf16 is emulated and slower than fp32. `precision=bf16`
+  still asks for it.
 
 `VLMKIT_CPU_BF16=1` / `=0` overrides what the CPU is detected to have (tests force either path with it).
 """
