@@ -159,7 +159,7 @@ def set_up(cfg: TrainConfig, out: Path, dist, model_and_processor) -> Run:
     reader = Dpo if cfg.method == "dpo" else Sft
     samples = reader.read(cfg.data)  # bad data fails here, before the model loads
     eval_samples = reader.read(cfg.eval_data) if cfg.eval_data else []
-    if dist.main:
+    if model_and_processor is None and dist.main:
         log(f"loading the model ({cfg.model or f'{cfg.vision} + {cfg.llm}'})")
     model, processor = model_and_processor or for_training(cfg)
     renderer = renderer_for(processor, getattr(model.config, "model_type", ""))
