@@ -1,11 +1,12 @@
 """`max_minutes`: train for about N minutes, on any machine, with a schedule that spans the run.
 
-The number of steps is fixed before the first one: a few steps' forward and backward passes are timed on
-the run's own batches (the gradients are then thrown away and the random-number state put back, so the
-timing leaves no trace in the weights), and the budget divided by that time gives the steps. The count is
-written into the run's `config.yaml` as `max_steps`, so `--resume` continues the same schedule exactly,
-and the summary says what was measured. A faster machine gets more steps, not a shorter run. The optimizer
-update, checkpoints and evaluation passes are not timed and come on top (a few percent with LoRA).
+The number of steps is fixed before the first one: a few whole steps are timed on the run's own batches
+(forward, backward, clipping, and the AdamW update through a throwaway optimizer with learning rate 0,
+which leaves every weight exactly as it was; the gradients are then thrown away and the random-number
+state put back, so the timing leaves no trace), and the budget divided by that time gives the steps. The
+count is written into the run's `config.yaml` as `max_steps`, so `--resume` continues the same schedule
+exactly, and the summary says what was measured. A faster machine gets more steps, not a shorter run.
+Checkpoints and evaluation passes are not timed and come on top.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ def steps_for(minutes: float, seconds_per_step: float) -> int:
     return max(1, int(minutes * 60 / max(seconds_per_step, 1e-9)))
 
 
-def time_steps(run, runner, rank_slice: slice) -> float:
-    """Seconds per optimizer step (`grad_accum` micro-batches forward and backward, and the gradient
-    clipping), averaged over TIMED_STEPS steps and over the ranks of a multi-process run."""
+def time_steps(run, runner, rank_slice: slice, make_optimizer) -> float:
+    """Seconds per optimizer step (`grad_accum` micro-batches forward and backward, the gradient clipping
+    and the update of `make_optimizer(lr)`'s optimizer at lr 0), averaged over TIMED_STEPS steps and over
+    the ranks of a multi-process run."""
     cfg, dist, objective = run.cfg, run.dist, run.objective
     rng = capture_rng()
     batches = batches_from(run.examples, cfg.batch_size * dist.world, cfg.seed + 1, 0, cfg.group_by_length)
     trainable = [p for p in run.model.parameters() if p.requires_grad]
+    probe = make_optimizer(0.0)  # its state is thrown away with it
     elapsed = 0.0
     for k in range(WARM_STEPS + TIMED_STEPS):
         start = time.perf_counter()
@@ -42,10 +45,12 @@ def time_steps(run, runner, rank_slice: slice) -> float:
                 loss, _ = objective.loss(runner, batch)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        probe.step()
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
         if k >= WARM_STEPS:
             elapsed += time.perf_counter() - start
         run.model.zero_grad(set_to_none=True)
+    del probe
     restore_rng(rng)
     return dist.all_sum(elapsed / TIMED_STEPS) / dist.world

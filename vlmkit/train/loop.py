@@ -213,12 +213,17 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
     rank_slice = slice(dist.rank * cfg.batch_size, (dist.rank + 1) * cfg.batch_size)
     runner = model if run.fsdp else dist.wrap(model)
     train_mode(model, cfg)
-    if not cfg.max_steps and cfg.max_minutes > 0:
-        fix_steps_to_budget(run, runner, rank_slice)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(run.examples) / per_step))
     # the fused kernel: one pass over the parameters (much faster than the loop over tensors on CPU)
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in run.groups for p in g["params"])
-    optimizer = torch.optim.AdamW(run.groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused or None)
+
+    def make_optimizer(lr: float | None = None):  # lr: every group's (the budget's timing probe uses 0)
+        groups = run.groups if lr is None else [{**g, "lr": lr} for g in run.groups]
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused or None)
+
+    if not cfg.max_steps and cfg.max_minutes > 0:
+        fix_steps_to_budget(run, runner, rank_slice, make_optimizer)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(run.examples) / per_step))
+    optimizer = make_optimizer()
     scheduler = cosine_schedule(optimizer, total_steps, round(cfg.warmup_ratio * total_steps), cfg.min_lr_ratio)
     trainable = [p for p in model.parameters() if p.requires_grad]
     run.trainable_parameters = sum(p.numel() for p in trainable)
@@ -281,10 +286,10 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
     return True
 
 
-def fix_steps_to_budget(run: Run, runner, rank_slice: slice) -> None:
+def fix_steps_to_budget(run: Run, runner, rank_slice: slice, make_optimizer) -> None:
     """`max_minutes`: time the first steps, set `max_steps` to what fits and save it in the run's config."""
     cfg = run.cfg
-    seconds = time_steps(run, runner, rank_slice)
+    seconds = time_steps(run, runner, rank_slice, make_optimizer)
     cfg.max_steps = steps_for(cfg.max_minutes, seconds)
     run.budget = {"max_minutes": cfg.max_minutes, "seconds_per_step": round(seconds, 4), "steps": cfg.max_steps,
                   "timed_steps": TIMED_STEPS}
