@@ -23,6 +23,9 @@ from vlmkit.data.schema import Sample
 from vlmkit.errors import VlmkitError
 
 
+NOTHING_TRAINED = "no assistant tokens to train on"  # `fit`'s reason for a sample no length can fix
+
+
 @dataclass(frozen=True)
 class Example:
     """One tokenized conversation."""
@@ -106,7 +109,7 @@ def renderer_for(processor, model_type: str):
 def fit(renderer, example: Example, max_length: int) -> tuple[Example | None, str]:
     """`example` within `max_length` (cut by the renderer's rule), or (None, why it cannot be)."""
     if example.trains_nothing:
-        return None, "no assistant tokens to train on"
+        return None, NOTHING_TRAINED
     if example.length > max_length:
         example, why = renderer.cut(example, max_length)
         if example is None:
@@ -126,7 +129,7 @@ def tokenize(samples: list[Sample], renderer, max_length: int, skip_too_long: bo
     for sample in tqdm(samples, desc="tokenizing", unit="sample", file=sys.stderr, disable=len(samples) < 500):
         example, why = fit(renderer, renderer.render(sample.messages, list(sample.images), sample.where), max_length)
         if example is None:
-            if skip_too_long and why != "no assistant tokens to train on":
+            if skip_too_long and why != NOTHING_TRAINED:  # a data problem, not a length: never skipped
                 skipped += 1
                 continue
             raise VlmkitError(f"{sample.where}: {why}")
