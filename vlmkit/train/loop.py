@@ -291,7 +291,7 @@ def fix_steps_to_budget(run: Run, runner, rank_slice: slice, make_optimizer) -> 
     cfg = run.cfg
     seconds = time_steps(run, runner, rank_slice, make_optimizer)
     cfg.max_steps = steps_for(cfg.max_minutes, seconds)
-    run.budget = {"max_minutes": cfg.max_minutes, "seconds_per_step": round(seconds, 4), "steps": cfg.max_steps,
+    run.budget = {"max_minutes": cfg.max_minutes, "seconds_per_step": seconds, "steps": cfg.max_steps,
                   "timed_steps": TIMED_STEPS}
     run.say(f"max_minutes={cfg.max_minutes:g}: {seconds:.3f} s a step over {TIMED_STEPS} timed steps -> "
             f"max_steps={cfg.max_steps} (saved in config.yaml, so --resume keeps it)")
