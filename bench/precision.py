@@ -39,7 +39,7 @@ def cpu_flags() -> str:
 
 def speed(steps: int, rounds: int) -> None:
     from vlmkit.config import load_config
-    from vlmkit.quickstart import RECIPE, make_data
+    from vlmkit.quickstart import make_data
     from vlmkit.train.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,16 +47,17 @@ def speed(steps: int, rounds: int) -> None:
         times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
         for r in range(rounds):
             for precision in PRECISIONS:
-                keys = [f"{k}={v}" for k, v in RECIPE.items()] + [f"precision={precision}", f"max_steps={steps}", "save_every=0"]
+                keys = [f"precision={precision}", f"max_steps={steps}", "save_every=0"]  # the default recipe
                 cfg = load_config(None, keys, data=str(train_file), output=f"{tmp}/run-{precision}-{r}")
                 summary = train(cfg)
+                batch = summary["recipe"].get("batch_size", {}).get("value", cfg.batch_size)
                 times[precision].append(summary["train_seconds"] / steps)
                 print(f"round {r + 1}: {precision} {times[precision][-1]:.3f} s/step", flush=True)
     print("\n| precision | s/step per round | median |\n|---|---|---|")
     for precision, values in times.items():
         print(f"| {precision} | {' / '.join(f'{v:.3f}' for v in values)} | {statistics.median(values):.3f} |")
     ratio = statistics.median(times["fp32"]) / statistics.median(times["bf16"])
-    print(f"\nbf16 step speed-up over fp32: {ratio:.2f}x ({steps} steps of {RECIPE['batch_size']}, {rounds} rounds)")
+    print(f"\nbf16 step speed-up over fp32: {ratio:.2f}x ({steps} steps of {batch}, {rounds} rounds)")
 
 
 def accuracy(seeds: list[int], precisions: list[str], output: str) -> None:

@@ -266,7 +266,8 @@ def test_data_check_default_tokenizer(w, capfd, monkeypatch):
     monkeypatch.setattr(vlmkit.build, "load_llm", no_weights)
     code, out, err = run(capfd, "data", "check", w / "good.jsonl")
     assert code == 0, err
-    assert "<image x9>What colour is it?" in out and "[[red<|im_end|>]]" in out
+    # the default composition: a 3x3 grid, each column after its word
+    assert " left<image x3> middle<image x3> right<image x3>What colour is it?" in out and "[[red<|im_end|>]]" in out
 
 
 def test_data_check_bad_file_lists_every_problem(w, capfd, tmp_path):

@@ -79,7 +79,7 @@ def test_two_gloo_processes_equal_one_in_bf16(parts, shapes, tmp_path):
     from vlmkit.build import for_training
 
     train_file, _ = shapes
-    common = [f"vision={parts['clip']}", f"llm={parts['llama']}", "max_steps=4", "lr=1e-3", "save_every=0",
+    common = [f"vision={parts['clip']}", f"llm={parts['llama']}", "method=full", "max_steps=4", "lr=1e-3", "save_every=0",
               "warmup_ratio=0", "precision=bf16"]
     one, two = tmp_path / "one", tmp_path / "two"
     _run(["train", "--data", str(train_file), "--output", str(one), *common, "batch_size=8"], nproc=1)

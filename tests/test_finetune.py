@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 
 
 def _cfg(folder, data_file, out, *extra):
-    overrides = [f"model={folder}", "max_steps=6", "batch_size=4", "lr=3e-3", "projector_lr=3e-3", "save_every=0", *extra]
+    overrides = [f"model={folder}", "method=full", "max_steps=6", "batch_size=4", "lr=3e-3", "projector_lr=3e-3", "save_every=0", *extra]
     return load_config(None, overrides, data=str(data_file), output=str(out))
 
 
@@ -48,7 +48,7 @@ def test_each_family_trains_saves_and_reloads(folders, data, tmp_path, family, m
     data_file = data["single" if family == "paligemma" else "multi"]
     out = tmp_path / "run"
     # tiny adapters on a random model need big and more steps
-    extra = ["lr=3e-2", "max_steps=16"] if method == "lora" else ["lr=3e-3", "max_steps=8"]
+    extra = ["lr=3e-2", "max_steps=16", "lora_targets=all"] if method == "lora" else ["lr=3e-3", "max_steps=8"]
     summary = train(_cfg(folders[family], data_file, out, f"method={method}", *extra))
     losses = _losses(out)
     # the two batches alternate, so compare the same pair of batches at the start and at the end
@@ -134,7 +134,7 @@ def test_paligemma_refuses_multi_turn_data_clearly(folders, data, tmp_path):
 
 def test_dry_run_prints_the_plan_and_writes_nothing(folders, tmp_path, capfd):
     out = tmp_path / "run"
-    code = main(["train", "--dry-run", "--output", str(out), f"model={folders['qwen2_vl']}", "method=lora", "batch_size=4"])
+    code = main(["train", "--dry-run", "--output", str(out), f"model={folders['qwen2_vl']}", "method=lora", "lora_targets=all", "batch_size=4"])
     printed, err = capfd.readouterr()
     assert code == 0, err
     assert "plan: lora (r=16), batch 4 x 512 tokens" in printed and "LoRA on:" in printed and "total" in printed
@@ -261,7 +261,7 @@ def test_dpo_full_on_a_composed_model(parts, preferences, tmp_path):
 
 
 def test_dpo_lora_on_a_pretrained_model_resumes_exactly(folders, preferences, tmp_path):
-    args = [f"model={folders['qwen2_vl']}", "method=dpo", "lora_r=8", "beta=0.5", "max_steps=6", "batch_size=4",
+    args = [f"model={folders['qwen2_vl']}", "method=dpo", "lora_r=8", "lora_targets=all", "beta=0.5", "max_steps=6", "batch_size=4",
             "lr=3e-2", "projector_lr=3e-3", "save_every=0", "warmup_ratio=0", "precision=fp32"]
     whole = train(load_config(None, args, data=str(preferences["plain"]), output=str(tmp_path / "a")))
     history = _dpo_history(tmp_path / "a")

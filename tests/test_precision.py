@@ -46,7 +46,7 @@ def test_precision_resolution(monkeypatch):
 
 def _cfg(parts, shapes, out, *extra):
     train_file, _ = shapes
-    keys = [f"vision={parts['clip']}", f"llm={parts['llama']}", "image_tokens=4", "batch_size=4", "max_steps=4", "lr=3e-3",
+    keys = [f"vision={parts['clip']}", f"llm={parts['llama']}", "method=full", "image_tokens=4", "batch_size=4", "max_steps=4", "lr=3e-3",
             "save_every=0", "precision=bf16", *extra]
     return load_config(None, keys, data=str(train_file), output=str(out))
 

@@ -59,3 +59,41 @@ def test_quickstart_runs_end_to_end(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "held-out exact match" in printed and f"vlmkit generate --model {out / 'model'}" in printed
     assert re.search(r"training took [0-9.]+ min in (fp32|bf16) \(auto: ", printed)  # the precision used, and why
+
+
+@pytest.mark.slow
+def test_default_recipe_beats_a_constant_answer_on_held_out_images(tmp_path):
+    """`vlmkit train` with no training keys on the real default parts: a tiny dataset whose answer is only
+    in the image (the colour of one shape; the question never changes), scored on images it never saw.
+    A constant answer gets 1/4; the trained model must get most of them."""
+    from PIL import Image, ImageDraw
+
+    from vlmkit.eval.run import evaluate
+    from vlmkit.infer.engine import Engine
+
+    colours = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (235, 205, 25)}
+    rng = __import__("random").Random(0)
+
+    def write(split: str, n: int):
+        (tmp_path / split).mkdir()
+        rows = []
+        for i in range(n):
+            name = list(colours)[i % 4]
+            im = Image.new("RGB", (96, 96), (255, 255, 255))
+            x, y, r = rng.randint(20, 76), rng.randint(20, 76), rng.randint(10, 18)
+            ImageDraw.Draw(im).ellipse((x - r, y - r, x + r, y + r), fill=colours[name])
+            im.save(tmp_path / split / f"{i}.png")
+            rows.append({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]},
+                                      {"role": "assistant", "content": [{"type": "text", "text": name}]}],
+                         "images": [f"{split}/{i}.png"]})
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    train_file, test_file = write("train", 96), write("test", 40)
+    cfg = load_config(None, ["max_steps=60", "save_every=0"], data=str(train_file), output=str(tmp_path / "run"))
+    summary = train(cfg)
+    assert summary["recipe"]["method"]["value"] == "lora"
+    vlm = load(summary["model"])
+    report = evaluate(test_file, tmp_path / "eval.json", engine=Engine(vlm.model, vlm.processor), max_new_tokens=4)
+    assert report["exact_match"] >= 0.75, report["exact_match"]  # a constant answer: 0.25

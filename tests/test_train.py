@@ -21,7 +21,8 @@ from vlmkit.train.loop import train
 def tiny_config(parts, shapes, out, *extra, lm="llama"):
     train_file, test_file = shapes
     overrides = [
-        f"vision={parts['clip']}", f"llm={parts[lm]}", "image_tokens=4", "batch_size=4", "max_steps=8",
+        f"vision={parts['clip']}", f"llm={parts[lm]}", "method=full", "image_tokens=4", "batch_size=4", "max_steps=8",
+        "projector_init=random", "group_by_length=false",
         "lr=3e-3", "projector_lr=3e-3", "save_every=2", "precision=fp32", *extra,
     ]
     return load_config(None, overrides, data=str(train_file), eval_data=str(test_file), output=str(out))
@@ -156,7 +157,11 @@ def test_position_words_start_each_column_at_its_word(parts, shapes, tmp_path):
 
 def test_position_words_need_image_positions(parts, shapes, tmp_path):
     with pytest.raises(VlmkitError, match="position_words.*image_positions=true"):
-        tiny_config(parts, shapes, tmp_path / "run", "position_words=true")
+        tiny_config(parts, shapes, tmp_path / "run", "position_words=true", "image_positions=false")
+    # left to the recipe, a CLIP tower gets no position embeddings: refused before anything is written
+    with pytest.raises(VlmkitError, match="position_words.*image_positions=true"):
+        train(tiny_config(parts, shapes, tmp_path / "run", "position_words=true"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_group_by_length_pads_less_and_covers_each_epoch_once():

@@ -29,6 +29,7 @@ from vlmkit.model.pretrained import load_pretrained, model_type_of, read_config
 from vlmkit.model.projector import grid_side
 from vlmkit.model.vision import load_vision
 from vlmkit.model.vlm import VlmkitConfig, VlmkitForConditionalGeneration, is_vlmkit_dir
+from vlmkit.recipe import choose_column_words, choose_image_positions, choose_image_tokens, default_layout, tower_grid
 
 DEFAULTS = TrainConfig()  # the one source of default model settings
 
@@ -37,21 +38,30 @@ def compose(
     vision: str = DEFAULTS.vision,
     llm: str = DEFAULTS.llm,
     projector: str = DEFAULTS.projector,
-    image_tokens: int = DEFAULTS.image_tokens,
+    image_tokens: int | None = DEFAULTS.image_tokens,
     image_size: int | None = DEFAULTS.image_size,
     pixel_shuffle_factor: int = 2,
     vision_feature_layer: int = -2,
     norm_image_embeds: bool = DEFAULTS.norm_image_embeds,
-    image_positions: bool = DEFAULTS.image_positions,
-    column_words: bool = DEFAULTS.column_words,
+    image_positions: bool | None = DEFAULTS.image_positions,
+    column_words: bool | None = DEFAULTS.column_words,
     seed: int = DEFAULTS.seed,
 ):
     """A new VLM from pretrained parts and a fresh projector: returns (model, processor). The defaults
     are `TrainConfig`'s, so `compose()` builds what `vlmkit train` builds.
 
+    `image_tokens` / `image_size` left at None are chosen as `vlmkit train` chooses them (vlmkit/recipe.py).
     `column_words`: each image is laid out column by column, each column after the LM's word for it
     (" left", " right"; " left", " middle", " right" for a 3x3 grid), as SmolVLM's processor writes
     `<row_1_col_1>` before each tile, but in words the LM already knows."""
+    if image_tokens is None and image_size is None:
+        image_size, image_tokens = default_layout(vision)
+    elif image_tokens is None:
+        image_tokens = choose_image_tokens(tower_grid(vision, image_size)).value
+    if column_words is None:
+        column_words = choose_column_words(image_tokens, vision).value
+    if image_positions is None:
+        image_positions = choose_image_positions(vision).value
     spec, tower, image_processor = load_vision(vision, image_size=image_size, feature_layer=vision_feature_layer)
     lm, tokenizer = load_llm(llm)
     if ensure_special_tokens(tokenizer):
@@ -149,7 +159,7 @@ def sample_renderer(model: str | None = None) -> SampleRenderer:
     tokenizer."""
     if model is None:
         return SampleRenderer.composed(
-            default_processor(), f"the default tokenizer ({DEFAULT_LLM}, {DEFAULTS.image_tokens} tokens per image)"
+            default_processor(), f"the default tokenizer ({DEFAULT_LLM}, {default_layout(DEFAULTS.vision)[1]} tokens per image)"
         )
     name = model_folder(model)
     if is_vlmkit_dir(name):
@@ -186,5 +196,7 @@ def default_processor() -> VlmkitProcessor:
         ) from None
     ensure_special_tokens(tokenizer)
     # never used to render text; the default tower's, for completeness
-    image_processor = fixed_size_processor(224, IMAGE_MEAN, IMAGE_STD)
-    return VlmkitProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=DEFAULTS.image_tokens)
+    size, tokens = default_layout(DEFAULTS.vision)
+    image_processor = fixed_size_processor(size or 224, IMAGE_MEAN, IMAGE_STD)
+    words = grid_column_words(grid_side(tokens)) if choose_column_words(tokens, DEFAULTS.vision).value else None
+    return VlmkitProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=tokens, column_words=words)

@@ -236,14 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or fine-tune a VLM on a JSONL dataset",
                        description="Train a VLM. Config keys come from CONFIG.yaml and/or key=value arguments "
                        "(e.g. vision=./my_clip llm=./my_lm stage=align max_steps=100 lr=1e-4); every key and its default: "
-                       "docs/config.md.")
+                       "docs/config.md. Keys you leave unset follow the default recipe, chosen from the parts, the "
+                       "device and the data's size (LoRA on the LM's attention beside a new projector, batch 4 on CPU, "
+                       "3x3 image tokens, at least 750 steps and at most three epochs...); the log, config.yaml and "
+                       "train_summary.json say what was chosen and why. max_minutes=N trains for about N minutes.")
     p.add_argument("config", nargs="?", default=None, help="optional YAML config file")
     p.add_argument("--data", help="training data (JSONL chat format or LLaVA JSON)")
     p.add_argument("--eval-data", help="held-out data for eval loss")
     p.add_argument("--output", help="run folder (default runs/train)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     p.add_argument("--dry-run", action="store_true", help="load the model, print parameter counts and a peak-memory "
-                   "estimate for this method, batch and max_length, and stop (nothing is written)")
+                   "estimate for this method, batch and max_length, and the recipe's choices, and stop (nothing is written)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=cmd_train)
 

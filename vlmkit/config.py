@@ -18,9 +18,9 @@ from vlmkit.errors import VlmkitError, first_line
 from vlmkit.io import atomic_write_text
 
 STAGES = ("align", "sft")
-PROJECTOR_INITS = ("random", "text")
+PROJECTOR_INITS = ("auto", "random", "text")
 PRECISIONS = ("auto", "fp32", "bf16")
-METHODS = ("full", "lora", "qlora", "dpo")
+METHODS = ("auto", "full", "lora", "qlora", "dpo")
 
 
 @dataclass
@@ -32,21 +32,21 @@ class TrainConfig:
     projector: str = "ln_mlp"  # linear | mlp | ln_mlp | pixel_shuffle
     norm_image_embeds: bool = True  # scale image embeddings to the LM's token-embedding norm
     standardize_features: bool = True  # projector inputs standardised with the training images' statistics
-    image_tokens: int = 9  # tokens per image (a square number)
-    image_positions: bool = False  # a learned embedding per image-token position (a CNN's features carry little)
-    position_words: bool = False  # those embeddings start as the LM's words " left" ... " right", by grid column
-    column_words: bool = False  # lay each image out column by column, each column after its word (" left", " right")
-    projector_init: str = "random"  # random | text: image tokens start at the words the replies say about them
-    image_size: int | None = None  # input resolution of the tower; None = the tower's default
+    image_tokens: int | None = None  # tokens per image (a square number); None: chosen from the tower (vlmkit/recipe.py)
+    image_positions: bool | None = None  # a learned embedding per image-token position; None: for towers without their own (CNNs)
+    position_words: bool | None = None  # those embeddings start as the LM's words " left" ... " right", by grid column; None: with column_words
+    column_words: bool | None = None  # lay each image out column by column, each after its word (" left", " middle", " right"); None: for 2 or 3 columns
+    projector_init: str = "auto"  # auto | random | text: image tokens start at the words the replies say about them
+    image_size: int | None = None  # input resolution of the tower; None: chosen with image_tokens, else the tower's own
     stage: str = "sft"  # align: projector only; sft: projector + LM (full or LoRA)
     train_vision: bool = False
-    method: str = "full"  # full | lora | qlora (4-bit base + LoRA) | dpo (preference data; LoRA if lora_r > 0)
+    method: str = "auto"  # auto | full | lora | qlora (4-bit base + LoRA) | dpo (preference data; LoRA if lora_r > 0)
     fsdp: bool = False  # under torchrun/accelerate: shard parameters across processes (FSDP) instead of DDP
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     beta: float = 0.1  # DPO: strength of the pull towards the reference model
     lora_r: int = 0  # LoRA rank on the LM's attention and MLP projections; method=lora/qlora default 16
     lora_alpha: int = 32
-    lora_targets: str = "auto"  # comma-separated layer names (e.g. q_proj,v_proj); auto = the LM's attention + MLP
+    lora_targets: str = "auto"  # attention | all | comma-separated layer names (q_proj,v_proj); auto: attention with LoRA
     lora_dropout: float = 0.0
     # data
     data: str | None = None
@@ -54,14 +54,14 @@ class TrainConfig:
     max_length: int = 512
     skip_too_long: bool = False  # drop (and count) samples whose image tokens would be cut, instead of failing
     cache_features: bool = True  # cache pooled vision features while the tower is frozen
-    group_by_length: bool = False  # batches of samples of similar length: less padding, faster steps
+    group_by_length: bool = True  # batches of samples of similar length: less padding, faster steps
     # optimisation
-    epochs: float = 1.0
+    epochs: float | None = None  # None: at least 750 steps and one epoch, at most three epochs
     max_steps: int = 0  # > 0 overrides epochs and max_minutes
     max_minutes: float = 0.0  # > 0: about this many minutes of steps, the count fixed by timing the first (overrides epochs)
-    batch_size: int = 16
+    batch_size: int | None = None  # None: 4 on CPU, 16 on a GPU
     grad_accum: int = 1
-    lr: float = 1e-4  # language model (and LoRA) learning rate
+    lr: float | None = None  # language model (or LoRA) learning rate; None: 5e-4 with LoRA, 1e-4 in full
     projector_lr: float = 1e-3
     vision_lr: float = 1e-5
     weight_decay: float = 0.0
@@ -80,28 +80,28 @@ class TrainConfig:
             raise VlmkitError(f"config field `stage`: {self.stage!r} is not one of {', '.join(STAGES)}")
         if self.method not in METHODS:
             raise VlmkitError(f"config field `method`: {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.method == "full" and self.lora_r > 0:  # lora_r alone asks for LoRA
+        if self.method in ("auto", "full") and self.lora_r > 0:  # lora_r alone asks for LoRA
             self.method = "lora"
         if self.method in ("lora", "qlora") and self.lora_r <= 0:
             self.lora_r = 16
         if self.precision not in PRECISIONS:
             raise VlmkitError(f"config field `precision`: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        for name in ("batch_size", "grad_accum", "max_length"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "grad_accum", "max_length", "image_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise VlmkitError(f"config field `{name}` must be >= 1 (got {getattr(self, name)})")
         if self.projector_init not in PROJECTOR_INITS:
             raise VlmkitError(
                 f"config field `projector_init`: {self.projector_init!r} is not one of {', '.join(PROJECTOR_INITS)}"
             )
-        if self.projector_init != "random" and (self.model or self.method == "dpo"):
+        if self.projector_init == "text" and (self.model or self.method == "dpo"):
             raise VlmkitError(
                 "config field `projector_init` starts a new projector from supervised replies; it cannot apply to "
                 "`model` (a trained one) or to method=dpo"
             )
-        if self.position_words and not self.image_positions:
+        if self.position_words and self.image_positions is False:
             raise VlmkitError("config field `position_words` needs `image_positions=true` (the embeddings it starts)")
-        if self.max_steps <= 0 and self.epochs <= 0 and self.max_minutes <= 0:
-            raise VlmkitError("give `epochs` > 0, `max_steps` > 0 or `max_minutes` > 0")
+        if self.epochs is not None and self.epochs <= 0 and self.max_steps <= 0 and self.max_minutes <= 0:
+            raise VlmkitError("give `epochs` > 0, `max_steps` > 0 or `max_minutes` > 0 (or leave `epochs` unset)")
         if self.max_minutes < 0:
             raise VlmkitError(f"config field `max_minutes` must be >= 0 (got {self.max_minutes})")
 

@@ -44,11 +44,11 @@ def inspect_model(path: str, image: str | None = None, prompt: str = DEFAULT_PRO
     ]
 
     _as_trained_by_default(model)
-    lines += ["", "parameters (trainable: what `vlmkit train` trains by default, stage=sft method=full)"]
+    lines += ["", "parameters (trainable: what `vlmkit train` trains by default, stage=sft, LoRA r16 on the LM's attention + the projector)"]
     lines += [f"  {'part':<14}{'total':>14}{'trainable':>14}"]
     for name, module in (("vision tower", model.vision_tower), ("projector", model.projector), ("language", model.language_model)):
-        lines += [_param_row(name, module.parameters())]
-    lines += [_param_row("all", model.parameters())]  # shared (tied) weights counted once
+        lines += [_param_row(name, module)]
+    lines += [_param_row("all", model)]  # shared (tied) weights counted once
 
     lines += ["", "image -> tokens" + (f" ({image})" if picture is not None else " (a blank image)")]
     lines += _image_path(model, processor, picture)
@@ -61,11 +61,13 @@ def inspect_model(path: str, image: str | None = None, prompt: str = DEFAULT_PRO
 
 
 def _as_trained_by_default(model) -> None:
-    """Mark parameters trainable as the default training run would: projector and LM, tower frozen."""
+    """Mark parameters trainable as the default training run would: the projector in full and LoRA
+    adapters on the LM (added to `model`), the tower frozen."""
     from vlmkit.config import TrainConfig
+    from vlmkit.recipe import resolve
     from vlmkit.train.stages import set_trainable
 
-    set_trainable(model, TrainConfig())
+    set_trainable(model, resolve(TrainConfig(), "cpu")[0])
 
 
 def _tower_name(spec: dict) -> str:
@@ -84,10 +86,11 @@ def _first_in(module: torch.nn.Module) -> int:
     return linear.in_features
 
 
-def _param_row(name: str, params) -> str:
-    params = list(params)
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
+def _param_row(name: str, module) -> str:
+    """The module's own parameters (LoRA adapters left out) and the trainable ones (adapters included)."""
+    named = list(module.named_parameters())
+    total = sum(p.numel() for n, p in named if "lora_" not in n)
+    trainable = sum(p.numel() for _, p in named if p.requires_grad)
     return f"  {name:<14}{total:>14,}{trainable:>14,}"
 
 
@@ -172,7 +175,7 @@ def inspect_pretrained(vlm, path: str, picture: Image.Image | None, prompt: str)
     lines = [f"model: {path}", f"family: {vlm.family.name} ({config.model_type}, {type(model).__name__})", ""]
 
     _as_trained_by_default(model)
-    lines += ["components and parameters (trainable: what `vlmkit train model=...` trains by default, method=full)"]
+    lines += ["components and parameters (trainable: what `vlmkit train model=...` trains by default: LoRA r16 on the LM's attention + the projector)"]
     lines += [f"  {'part':<14}{'total':>14}{'trainable':>14}  module"]
     from vlmkit.model.parts import find_part
 
@@ -182,8 +185,8 @@ def inspect_pretrained(vlm, path: str, picture: Image.Image | None, prompt: str)
             lines += [f"  {part:<14}{'-':>14}{'-':>14}  (not a separate module)"]
             continue
         name, module = found
-        lines += [_param_row(part, module.parameters()) + f"  {name} ({type(module).__name__})"]
-    lines += [_param_row("all", model.parameters())]
+        lines += [_param_row(part, module) + f"  {name} ({type(module).__name__})"]
+    lines += [_param_row("all", model)]
 
     messages = user_turn(prompt)
     blank = Image.new("RGB", (256, 256), (128, 128, 128))

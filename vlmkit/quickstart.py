@@ -6,9 +6,9 @@
 4. Saves the model (`DIR/model`), the report (`DIR/eval.json`, as `vlmkit eval` writes it), the loss
    curves (`DIR/loss.png`, TensorBoard logs in `DIR/logs`) and prints a summary.
 
-The recipe (RECIPE below) was chosen by measurement against the target (>= 0.9 held-out exact match
-with under 10 minutes of training on 2 CPU cores); docs/experiments.md records the measurements, and
-bench/quickstart.py repeats them.
+It trains with the library's default recipe (`vlmkit/recipe.py`: the same keys `vlmkit train` chooses on
+any data), plus `max_minutes` with `--minutes`, so it measures the defaults; docs/experiments.md records
+the measurements, and bench/quickstart.py repeats them.
 """
 
 from __future__ import annotations
@@ -20,27 +20,8 @@ from pathlib import Path
 
 from vlmkit.config import load_config
 from vlmkit.data.shapes import make_shapes_dataset
+from vlmkit.recipe import resolve
 
-# Chosen by measurement on 2 CPU cores (docs/experiments.md; each key's reason: docs/config.md); each is
-# an ordinary `vlmkit train` key.
-RECIPE = {
-    "stage": "sft",
-    "method": "lora",  # LoRA r16 on the LM beside the projector: learns more per step than projector-only
-    "lora_targets": "q_proj,k_proj,v_proj,o_proj",  # attention only: a cheaper step than every projection, as accurate
-    "lr": 5e-4,  # LoRA
-    "projector_lr": 1e-3,
-    "image_tokens": 4,  # a 2x2 grid: one column per half of the scene, and shorter samples than 9 tokens
-    "image_size": 192,  # a 6x6 feature grid, which pools evenly to 2x2
-    "image_positions": True,  # a learned embedding per image-token position: the CNN's features carry little
-    "position_words": True,  # ...starting at the LM's " left" / " right" for the two grid columns
-    "column_words": True,  # each image column after the word " left" / " right"
-    "projector_init": "text",  # image tokens start at the words said about their image
-    "batch_size": 4,  # more steps in the same minutes than batch 8
-    "group_by_length": True,  # captions beside one-word answers: fewer padding tokens a step
-    "epochs": 1.5,  # 750 steps
-    "warmup_ratio": 0.05,
-    "save_every": 50,
-}
 # One short conversation per image: what limits learning here is the number of optimizer steps, and
 # single-question samples give several times more steps per minute than four questions per image.
 # Three images in ten ask for the caption instead, which names every shape's colour, kind and side.
@@ -73,10 +54,8 @@ def quickstart(output: str = "runs/quickstart", minutes: float | None = None, ov
     started = time.time()
     log(f"[1/5] writing the shapes dataset to {out / 'data'}")
     train_file, test_file = make_data(out / "data")
-    recipe = [f"{k}={v}" for k, v in RECIPE.items()]
-    if minutes is not None:  # as many steps as fit in that many minutes on this machine
-        recipe.append(f"max_minutes={minutes}")
-    cfg = load_config(None, recipe + list(overrides or []), data=str(train_file), output=str(out))
+    budget = [f"max_minutes={minutes}"] if minutes is not None else []  # as many steps as fit on this machine
+    cfg, choices = resolve(load_config(None, budget + list(overrides or []), data=str(train_file), output=str(out)))
 
     log("[2/5] composing the model: EfficientNet-Lite0 + SmolLM2-135M-Instruct + new projector")
     model, processor = for_training(cfg)
@@ -86,7 +65,7 @@ def quickstart(output: str = "runs/quickstart", minutes: float | None = None, ov
     before = evaluate(test_file, out / "eval_before.json", engine=engine, max_new_tokens=8)
 
     log("[4/5] training")
-    summary = train(cfg, model_and_processor=(model, processor))
+    summary = train(cfg, model_and_processor=(model, processor), recipe=choices)
 
     log(f"[5/5] evaluating the trained model on {test_file.name}")
     engine = Engine(model.eval(), processor)

@@ -1,6 +1,7 @@
 """LoRA on the language model (peft), merged back before the model is saved.
 
-Targets every linear projection of the LM's attention and MLP blocks; the tower and the projector are
+Targets the LM's attention projections (`lora_targets=attention`, the default recipe's) or every linear
+projection of its attention and MLP blocks (`all`), or the layers named; the tower and the projector are
 left alone (the projector trains in full anyway).
 """
 
@@ -11,11 +12,20 @@ from torch import nn
 from vlmkit.errors import VlmkitError
 from vlmkit.model.quantize import quiet_bitsandbytes
 
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "qkv_proj")
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj", "c_fc", "qkv_proj", "gate_up_proj", "dense", "fc1", "fc2")
 
 
+def linear_names(lm: nn.Module) -> set[str]:
+    """The last name of every linear layer of the LM (GPT-2's Conv1D is a linear layer with its weight
+    transposed; peft adapts it too)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {name.rsplit(".", 1)[-1] for name, m in lm.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+
+
 def lm_target_modules(lm: nn.Module) -> list[str]:
-    names = {name.rsplit(".", 1)[-1] for name, m in lm.named_modules() if isinstance(m, nn.Linear)}
+    names = linear_names(lm)
     found = sorted(names & set(LM_PROJECTIONS))
     if not found:
         raise VlmkitError(f"LoRA: no known projection layers in the LM ({', '.join(sorted(names))})")
@@ -23,12 +33,16 @@ def lm_target_modules(lm: nn.Module) -> list[str]:
 
 
 def chosen_targets(lm: nn.Module, spec: str) -> list[str]:
-    """`auto`: every attention/MLP projection of the LM; else the user's comma-separated layer names,
-    each of which must name linear layers of the LM."""
-    if spec in ("auto", "", None):
+    """`all` (or `auto`, when no recipe resolved it): every attention/MLP projection of the LM; `attention`: its attention projections (every
+    projection when it has none of the known names); else the user's comma-separated layer names, each of
+    which must name linear layers of the LM."""
+    if spec in ("all", "auto", "", None):
         return lm_target_modules(lm)
+    if spec == "attention":
+        every = lm_target_modules(lm)
+        return [n for n in every if n in ATTENTION_PROJECTIONS] or every
     wanted = [name.strip() for name in spec.split(",") if name.strip()]
-    names = {name.rsplit(".", 1)[-1] for name, m in lm.named_modules() if isinstance(m, nn.Linear)}
+    names = linear_names(lm)
     unknown = [w for w in wanted if w not in names]
     if unknown:
         raise VlmkitError(
@@ -44,12 +58,17 @@ def add_lora(model, cfg) -> list[nn.Parameter]:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise VlmkitError("LoRA needs peft: pip install 'vlmkit[lora]'") from None
+    from transformers.pytorch_utils import Conv1D
+
     lm = language_model(model)
+    targets = chosen_targets(lm, getattr(cfg, "lora_targets", "auto"))
+    conv1d = any(isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, m in lm.named_modules())
     config = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=chosen_targets(lm, getattr(cfg, "lora_targets", "auto")),
+        target_modules=targets,
+        fan_in_fan_out=conv1d,  # GPT-2's Conv1D stores its weight transposed
     )
     inject_adapter_in_model(config, lm)
     return [p for n, p in lm.named_parameters() if "lora_" in n]

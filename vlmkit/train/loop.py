@@ -35,6 +35,7 @@ from vlmkit.device import Precision, training_precision
 from vlmkit.errors import VlmkitError
 from vlmkit.io import atomic_write_text
 from vlmkit.model.vlm import VlmkitForConditionalGeneration
+from vlmkit.recipe import Choice, choose_steps, resolve
 from vlmkit.train.batches import batches_from, first_epoch_chunks
 from vlmkit.train.budget import TIMED_STEPS, steps_for, time_steps
 from vlmkit.train.checkpoint import capture_rng, load_checkpoint, save_checkpoint
@@ -98,6 +99,7 @@ class Run:
     train_seconds: float = 0.0
     trainable_parameters: int = 0
     budget: dict | None = None  # max_minutes: what was timed and the steps chosen
+    recipe: list[Choice] = field(default_factory=list)  # the `auto` keys decided for this run, with reasons
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.bf16)
@@ -115,13 +117,19 @@ class Run:
             log(msg)
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, model_and_processor=None) -> dict:
+def train(
+    cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, model_and_processor=None,
+    recipe: list[Choice] | None = None,
+) -> dict:
     """Train per `cfg`; returns a summary dict. `stop_after` ends early (tests of resume use it);
-    `model_and_processor` trains an already built (model, processor) instead of building one from `cfg`."""
+    `model_and_processor` trains an already built (model, processor) instead of building one from `cfg`
+    (then `cfg` is the resolved config it was built from, and `recipe` the choices `resolve` made)."""
     dist = setup()  # one process, or this rank of a torchrun / accelerate launch
     try:
+        cfg, choices = resolve(cfg, dist.device().type)  # the `auto` keys, before anything is saved or built
         out = check_run_folder(cfg, dist, resume, stop_after)
         run = set_up(cfg, out, dist, model_and_processor)
+        run.recipe = list(recipe or []) + choices
         if not run_steps(run, resume, stop_after):
             return {"stopped_at": stop_after}
         return finish(run)
@@ -222,7 +230,16 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
 
     if not cfg.max_steps and cfg.max_minutes > 0:
         fix_steps_to_budget(run, runner, rank_slice, make_optimizer)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(run.examples) / per_step))
+    if cfg.max_steps:
+        total_steps = cfg.max_steps
+    elif cfg.epochs is None:  # as many steps as the data's size calls for
+        choice = choose_steps(len(run.examples), per_step * dist.world)
+        run.recipe.append(choice)
+        total_steps = choice.value
+    else:
+        total_steps = max(1, math.ceil(cfg.epochs * len(run.examples) / per_step))
+    if run.recipe:
+        run.say("chosen for this run: " + "; ".join(map(str, run.recipe)))
     optimizer = make_optimizer()
     scheduler = cosine_schedule(optimizer, total_steps, round(cfg.warmup_ratio * total_steps), cfg.min_lr_ratio)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -330,6 +347,7 @@ def finish(run: Run) -> dict:
         "precision": run.precision.name,
         "precision_reason": run.precision.reason,
         **({"budget": run.budget} if run.budget else {}),
+        "recipe": {c.key: {"value": c.value, "reason": c.reason} for c in run.recipe},
     }
     atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
     dist.barrier()

@@ -310,9 +310,11 @@ def _bytes(n: float) -> str:
 def plan_run(cfg: TrainConfig) -> str:
     """`vlmkit train --dry-run`: what the run would train and an estimate of its peak memory."""
     from vlmkit.build import for_training
+    from vlmkit.recipe import resolve
 
-    model, _ = for_training(cfg)
     device = resolve_device()
+    cfg, choices = resolve(cfg, device.type)
+    model, _ = for_training(cfg)
     method = "align" if cfg.stage == "align" else ("lora" if cfg.method == "dpo" and cfg.uses_lora else cfg.method)
     method = "full" if method == "dpo" else method
     batch = cfg.batch_size * (2 if cfg.method == "dpo" else 1)  # DPO scores chosen and rejected together
@@ -320,4 +322,6 @@ def plan_run(cfg: TrainConfig) -> str:
         model, method, batch, cfg.max_length, training_precision(cfg.precision, device).bf16, cfg.gradient_checkpointing,
         lora_r=cfg.lora_r or 16, trainable_groups=("vision_tower",) if cfg.train_vision else (), lora_targets=cfg.lora_targets,
     )
-    return plan.table() + f"\n(batch {cfg.batch_size}, max_length {cfg.max_length}; device {device})"
+    chosen = "".join(f"\n  {c}" for c in choices)
+    return (plan.table() + f"\n(batch {cfg.batch_size}, max_length {cfg.max_length}; device {device})"
+            + (f"\nchosen for this run:{chosen}" if chosen else ""))

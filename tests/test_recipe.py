@@ -1,0 +1,142 @@
+"""The default recipe (vlmkit/recipe.py): each `auto` decision is a pure function of the parts, the
+device and the data's size, and `resolve` leaves every key the user set alone."""
+
+import pytest
+
+from vlmkit.config import TrainConfig, load_config
+from vlmkit.recipe import (
+    CPU_BATCH, GPU_BATCH, MAX_EPOCHS, MIN_STEPS, choose_batch_size, choose_column_words, choose_image_positions,
+    choose_image_size,
+    choose_image_tokens, choose_lr, choose_method, choose_projector_init, choose_steps, resolve, tower_grid,
+)
+
+
+def test_method_is_lora_except_for_the_projector_alone():
+    assert choose_method(new_model=True, stage="sft").value == "lora"
+    assert choose_method(new_model=False, stage="sft").value == "lora"
+    assert choose_method(new_model=True, stage="align").value == "full"
+
+
+def test_learning_rate_follows_what_trains():
+    assert choose_lr(adapters=True).value == 5e-4
+    assert choose_lr(adapters=False).value == 1e-4
+
+
+def test_batch_size_follows_the_device():
+    assert choose_batch_size("cpu").value == CPU_BATCH == 4
+    assert choose_batch_size("cuda").value == GPU_BATCH == 16
+
+
+def test_image_layout_follows_the_tower():
+    # EfficientNet-Lite0: stride 32, 224 px by default -> 192 px, a 6x6 grid pooled evenly to 3x3
+    assert choose_image_size("efficientnet-lite0").value == 192
+    assert tower_grid("efficientnet-lite0", 192) == 6 and tower_grid("efficientnet-lite0", None) == 7
+    assert choose_image_size("timm:resnet18").value is None  # its own size
+    assert choose_image_tokens(6).value == 9 and choose_image_tokens(None).value == 9
+    assert choose_image_tokens(2).value == 4 and choose_image_tokens(1).value == 1  # a smaller tower: its whole grid
+
+
+def test_position_help_only_for_towers_without_positions_of_their_own():
+    assert choose_column_words(9).value is True and choose_column_words(4).value is True
+    assert choose_column_words(16).value is False and choose_column_words(1).value is False  # no words for them
+    assert choose_image_positions("efficientnet-lite0").value is True
+    assert choose_image_positions("timm:resnet18").value is True
+    # a transformers ViT's features carry its position embeddings, and Llava export needs neither
+    assert choose_image_positions("google/siglip-base-patch16-224").value is False
+    assert choose_column_words(9, "openai/clip-vit-base-patch32").value is False
+
+
+def test_projector_init_from_replies_only_for_a_new_projector():
+    assert choose_projector_init(new_model=True, method="lora").value == "text"
+    assert choose_projector_init(new_model=False, method="lora").value == "random"
+    assert choose_projector_init(new_model=True, method="dpo").value == "random"
+
+
+@pytest.mark.parametrize("samples, per_step, steps", [
+    (2000, 4, MIN_STEPS),        # 500 a epoch: 1.5 epochs
+    (2500, 4, MIN_STEPS),        # 625 a epoch
+    (100, 4, 3 * 25),            # tiny data: at most three epochs
+    (40000, 4, 10000),           # large data: one epoch
+    (1500, 16, 3 * 94),          # 94 a epoch: capped at three
+])
+def test_steps_follow_the_data_size(samples, per_step, steps):
+    choice = choose_steps(samples, per_step)
+    assert choice.value == steps
+    epoch = -(-samples // per_step)
+    assert epoch <= choice.value <= MAX_EPOCHS * epoch
+    assert f"{samples} samples" in choice.reason
+
+
+def test_resolve_fills_the_auto_keys_and_keeps_the_users():
+    cfg, choices = resolve(TrainConfig(data="d.jsonl"), "cpu")
+    assert (cfg.method, cfg.lr, cfg.batch_size, cfg.image_size, cfg.image_tokens) == ("lora", 5e-4, 4, 192, 9)
+    assert (cfg.lora_r, cfg.lora_targets, cfg.projector_init, cfg.column_words, cfg.position_words) == (16, "attention", "text", True, True)
+    assert cfg.image_positions is True
+    assert {c.key for c in choices} == {"method", "lr", "lora_targets", "batch_size", "image_size", "image_tokens",
+                                        "image_positions", "column_words", "position_words", "projector_init"}
+    assert all(c.reason for c in choices)
+    # a resolved config resolves to itself: what config.yaml saves trains the same way again
+    again, none = resolve(cfg, "cuda")
+    assert again == cfg and none == []
+
+    mine = load_config(None, ["method=full", "lr=3e-5", "batch_size=2", "image_tokens=4", "projector_init=random",
+                              "column_words=false"], data="d.jsonl")
+    cfg, choices = resolve(mine, "cuda")
+    assert (cfg.method, cfg.lr, cfg.batch_size, cfg.image_tokens, cfg.projector_init, cfg.column_words) == (
+        "full", 3e-5, 2, 4, "random", False)
+    assert cfg.image_size is None  # image_tokens set: the tower keeps its own size
+    assert cfg.position_words is False  # no column words to start from
+    assert {c.key for c in choices} == {"image_positions", "position_words"}
+
+
+def test_resolve_a_pretrained_model_keeps_its_layout():
+    cfg, choices = resolve(TrainConfig(model="some/vlm", data="d.jsonl"), "cuda")
+    assert (cfg.method, cfg.batch_size, cfg.projector_init) == ("lora", 16, "random")
+    assert cfg.image_tokens is None and cfg.column_words is None  # the model's own processor decides
+    assert "image_tokens" not in {c.key for c in choices}
+
+
+def test_lora_targets_attention_finds_each_lms_names(parts):
+    from transformers import AutoModelForCausalLM
+
+    from vlmkit.model.lora import chosen_targets
+
+    llama = AutoModelForCausalLM.from_pretrained(parts["llama"])
+    assert chosen_targets(llama, "attention") == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert "gate_proj" in chosen_targets(llama, "all")
+    gpt2 = AutoModelForCausalLM.from_pretrained(parts["gpt2"])
+    assert chosen_targets(gpt2, "attention") == ["c_attn"]
+
+
+@pytest.mark.parametrize("lm", ["llama", "gpt2"])
+def test_the_defaults_train_a_new_composition(parts, shapes, tmp_path, lm):
+    """`vlmkit train` with no training keys: LoRA on the LM's attention beside the projector, 3x3 image
+    tokens (a CLIP tower: no column words or position embeddings, so the model stays exportable); the
+    summary and config.yaml say what was chosen, and the saved model (adapters merged) reloads and answers."""
+    import json
+
+    import yaml
+
+    from vlmkit.build import load_model
+    from vlmkit.infer.engine import Engine
+    from vlmkit.train.loop import train
+
+    train_file, _ = shapes
+    cfg = load_config(None, [f"vision={parts['clip']}", f"llm={parts[lm]}", "save_every=0", "precision=fp32"],
+                      data=str(train_file), output=str(tmp_path / "run"))
+    summary = train(cfg)
+    recipe = summary["recipe"]
+    assert recipe["method"]["value"] == "lora" and recipe["image_tokens"]["value"] == 9
+    assert recipe["steps"]["value"] == summary["steps"] == 3 * 6  # 24 samples, 6 steps an epoch, three epochs
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (saved["method"], saved["lr"], saved["batch_size"], saved["column_words"], saved["image_positions"]) == (
+        "lora", 5e-4, 4, False, False)
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["loss"] < history[0]["loss"]
+    model, processor = load_model(summary["model"])
+    assert processor.column_words is None and model.config.image_tokens == 9 and not model.config.image_positions
+    assert not any("lora_" in name for name in model.state_dict())  # merged
+    row = json.loads(train_file.read_text().splitlines()[0])
+    question = [m for m in row["messages"] if m["role"] == "user"][0]
+    reply = Engine(model, processor).generate([[question]], [[str(train_file.parent / row["images"][0])]], max_new_tokens=3)
+    assert isinstance(reply[0], str)

@@ -1,0 +1,195 @@
+"""The default training recipe: every key left at `auto` is decided here, from what the run sees.
+
+A user who runs `vlmkit train --data mine.jsonl` sets no training keys, so the defaults must be the best
+recipe we know for data we have never seen. Each decision below is a pure function of the parts (a new
+composition or a trained model; the vision tower's feature grid), the device and the data's size, and
+returns the value with its reason; `resolve` applies them to a config's `auto` keys (a key the user set
+is kept as it is). The resolved values are what the run's `config.yaml` saves, so `--resume` and a later
+run with that file train exactly the same way, and the log and `train_summary.json` say what was chosen
+and why. The measurements behind each rule are in docs/generality.md and docs/experiments.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from vlmkit.config import TrainConfig
+from vlmkit.data.processor import COLUMN_WORDS
+from vlmkit.device import resolve_device
+from vlmkit.errors import VlmkitError
+
+LORA_LR, FULL_LR = 5e-4, 1e-4
+CPU_BATCH, GPU_BATCH = 4, 16
+TOKENS_SIDE = 3  # image tokens per side: a 3x3 grid keeps left / middle / right and top / middle / bottom apart
+MIN_STEPS = 750  # a new projector and adapters need about this many optimizer steps...
+MAX_EPOCHS = 3  # ...but no sample is seen more than three times
+BUILTIN_TOWER = {"efficientnet-lite0": (224, 32), "efficientnet_lite0": (224, 32)}  # (default size, stride)
+
+
+@dataclass(frozen=True)
+class Choice:
+    key: str
+    value: object
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value} ({self.reason})"
+
+
+def choose_method(new_model: bool, stage: str) -> Choice:
+    if stage == "align":
+        return Choice("method", "full", "stage=align trains the projector alone")
+    where = "beside the new projector, trained in full" if new_model else "on the pretrained model"
+    return Choice("method", "lora", f"LoRA r16 on the LM's attention {where}: as accurate per step as full "
+                  "fine-tuning in our measurements, with a cheaper step and a smaller memory footprint")
+
+
+def choose_lr(adapters: bool) -> Choice:
+    if adapters:
+        return Choice("lr", LORA_LR, "LoRA adapters start at zero and take larger steps than pretrained weights")
+    return Choice("lr", FULL_LR, "the LM's own weights train")
+
+
+def choose_lora_targets() -> Choice:
+    return Choice("lora_targets", "attention", "the attention projections: as accurate as every projection, a "
+                  "third cheaper a step")
+
+
+def choose_batch_size(device_type: str) -> Choice:
+    if device_type == "cuda":
+        return Choice("batch_size", GPU_BATCH, "a GPU runs 16 samples in about the time of one")
+    return Choice("batch_size", CPU_BATCH, "on CPU a step costs in proportion to its samples: more, smaller "
+                  "steps learn more in the same minutes")
+
+
+def choose_image_size(vision: str) -> Choice:
+    """A CNN tower's input size rounded down to a multiple of its stride x the token grid, so the feature
+    grid pools evenly (each token the mean of whole cells); other towers keep their own size."""
+    if vision not in BUILTIN_TOWER:
+        return Choice("image_size", None, "the tower's own input size")
+    size, stride = BUILTIN_TOWER[vision]
+    step = stride * TOKENS_SIDE
+    even = max(step, size // step * step)
+    return Choice("image_size", even, f"{even // stride}x{even // stride} features pool evenly to "
+                  f"{TOKENS_SIDE}x{TOKENS_SIDE}")
+
+
+def choose_image_tokens(grid_side: int | None) -> Choice:
+    """TOKENS_SIDE^2 tokens, or the tower's whole grid when it is smaller."""
+    side = TOKENS_SIDE if grid_side is None else min(TOKENS_SIDE, grid_side)
+    why = f"a {side}x{side} grid: few tokens keep steps cheap, and three per side keep objects in different " \
+          "thirds of the image apart"
+    if grid_side is not None and grid_side < TOKENS_SIDE:
+        why = f"the tower's whole {grid_side}x{grid_side} feature grid"
+    return Choice("image_tokens", side * side, why)
+
+
+def positional_tower(vision: str) -> bool:
+    """Whether the tower's features carry position embeddings of their own: a transformers ViT (CLIP, SigLIP,
+    DINOv2...) does; the built-in CNN does not, and a timm tower is taken as a CNN (`image_positions` costs
+    one vector a token either way)."""
+    return vision not in BUILTIN_TOWER and not vision.startswith("timm:")
+
+
+def choose_image_positions(vision: str) -> Choice:
+    if positional_tower(vision):
+        return Choice("image_positions", False, "a transformers vision tower: its features carry its own position "
+                      "embeddings, and the model stays exportable to Llava")
+    return Choice("image_positions", True, "a CNN's pooled features say little about where they are: a learned "
+                  "embedding per image-token position")
+
+
+def choose_column_words(image_tokens: int, vision: str = "efficientnet-lite0") -> Choice:
+    """Words for the image's columns (vlmkit.data.processor.COLUMN_WORDS) when the grid has 2 or 3, for a
+    tower without position embeddings of its own."""
+    if positional_tower(vision):
+        return Choice("column_words", False, "a transformers vision tower: its features carry its own positions, "
+                      "and the model stays exportable to Llava")
+    side = math.isqrt(image_tokens)
+    if side in COLUMN_WORDS and side * side == image_tokens:
+        words = "/".join(w.strip() for w in COLUMN_WORDS[side])
+        return Choice("column_words", True, f"each column of image tokens after its word ({words}), so the LM "
+                      "can read where things are as it reads a sentence")
+    return Choice("column_words", False, f"no words for a grid of {image_tokens} tokens")
+
+
+def choose_projector_init(new_model: bool, method: str) -> Choice:
+    if new_model and method != "dpo":
+        return Choice("projector_init", "text", "a new projector starts by mapping each image to the words its "
+                      "replies use")
+    return Choice("projector_init", "random", "the model's projector is already trained" if not new_model
+                  else "no supervised replies to start from")
+
+
+def choose_steps(samples: int, per_step: int) -> Choice:
+    """At least MIN_STEPS steps and one epoch, at most MAX_EPOCHS epochs."""
+    epoch = max(1, math.ceil(samples / per_step))
+    steps = min(max(MIN_STEPS, epoch), MAX_EPOCHS * epoch)
+    return Choice("steps", steps, f"{samples} samples, {per_step} a step: {steps / epoch:.2g} epochs (at least "
+                  f"{MIN_STEPS} steps, at most {MAX_EPOCHS} epochs)")
+
+
+def default_layout(vision: str) -> tuple[int | None, int]:
+    """(image_size, image_tokens) of a new composition with `vision` when neither is set."""
+    size = choose_image_size(vision).value
+    return size, choose_image_tokens(tower_grid(vision, size)).value
+
+
+def tower_grid(vision: str, image_size: int | None) -> int | None:
+    """The side of the tower's feature grid at `image_size`, when it is known without loading weights."""
+    if vision in BUILTIN_TOWER:
+        size, stride = BUILTIN_TOWER[vision]
+        return math.ceil((image_size or size) / stride)
+    if vision.startswith("timm:"):
+        return None
+    try:
+        from vlmkit.model.vision import _hf_vision_config
+
+        config = _hf_vision_config(vision)
+    except Exception:  # the tower's own loading reports a bad name with the full message
+        return None
+    return (image_size or config.image_size) // config.patch_size
+
+
+def resolve(cfg: TrainConfig, device_type: str | None = None) -> tuple[TrainConfig, list[Choice]]:
+    """`cfg` with every `auto` key decided, and the choices made (the keys the user set are left alone).
+    Steps (`epochs` auto) are decided later, from the data's size: see `choose_steps`."""
+    device_type = device_type or resolve_device().type
+    new_model = not cfg.model
+    choices: list[Choice] = []
+    values: dict = {}
+
+    def take(choice: Choice) -> None:
+        choices.append(choice)
+        values[choice.key] = choice.value
+
+    if cfg.method == "auto":
+        take(choose_method(new_model, cfg.stage))
+    method = values.get("method", cfg.method)
+    adapters = method in ("lora", "qlora") or cfg.lora_r > 0
+    if cfg.lr is None:
+        take(choose_lr(adapters))
+    if cfg.lora_targets == "auto" and adapters:
+        take(choose_lora_targets())
+    if cfg.batch_size is None:
+        take(choose_batch_size(device_type))
+    if new_model:
+        if cfg.image_size is None and cfg.image_tokens is None:
+            take(choose_image_size(cfg.vision))
+        if cfg.image_tokens is None:
+            take(choose_image_tokens(tower_grid(cfg.vision, values.get("image_size", cfg.image_size))))
+    if new_model and cfg.image_positions is None:
+        take(choose_image_positions(cfg.vision))
+    if new_model and cfg.column_words is None:
+        take(choose_column_words(values.get("image_tokens", cfg.image_tokens), cfg.vision))
+    if new_model and cfg.position_words is None:
+        words = values.get("column_words", cfg.column_words) and values.get("image_positions", cfg.image_positions)
+        take(Choice("position_words", bool(words), "the position embeddings start at the column words" if words
+                    else "no column words to start from"))
+    if cfg.position_words and not values.get("image_positions", cfg.image_positions):
+        raise VlmkitError("config field `position_words` needs `image_positions=true` (the embeddings it starts)")
+    if cfg.projector_init == "auto":
+        take(choose_projector_init(new_model, method))
+    return dataclasses.replace(cfg, **values), choices
