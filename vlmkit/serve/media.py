@@ -147,7 +147,7 @@ class _PinnedHTTP(http.client.HTTPConnection):
         self.address = address
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self.address, self.port), self.timeout)
+        self.sock = self.pinned = socket.create_connection((self.address, self.port), self.timeout)
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
@@ -159,7 +159,7 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         sock = socket.create_connection((self.address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = self.pinned = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
 def _download(url: str, policy: MediaPolicy, where: str) -> bytes:
@@ -205,7 +205,7 @@ def _read_capped(response, conn, deadline: float, policy: MediaPolicy, where: st
         raise bad_request(f"{where}: the image at the URL is over the server's limit of {_mb(policy.max_bytes)}", code="image_too_large")
     chunks, size = [], 0
     while True:
-        conn.sock.settimeout(_left(deadline, policy, where))
+        conn.pinned.settimeout(_left(deadline, policy, where))  # conn.sock is gone once the response owns it
         chunk = response.read1(65536)
         if not chunk:
             return b"".join(chunks)
