@@ -683,3 +683,37 @@ def test_vlmkit_serve_refuses_bad_flags(capfd, tmp_path):
         assert main(["serve", "--model", str(tmp_path), *argv]) == 2
         err = capfd.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "qwen2_vl"])
+def test_a_pretrained_family_batches_to_its_serial_replies(family, tmp_path):
+    """A transformers VLM (SmolVLM: nested images and tiling; Qwen2-VL: 3-D positions), 6 clients at once."""
+    from tiny_vlms import make_vlm
+
+    from vlmkit.infer.load import load
+
+    vlm = load(str(make_vlm(family, tmp_path / family)), device="cpu")
+    turns = [[("user", [*[png(50 + i + k, (20 + 7 * i, 30)) for k in range(i % 3)], "What colour is it" + "?" * i])] for i in range(6)]
+    want = [reference(vlm, t) for t in turns]
+    s = Server(vlm)
+    try:
+        results = [None] * 6
+
+        def one(i):
+            results[i] = ask(s.client(), turns[i])
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert [r.choices[0].message.content for r in results] == want
+        assert s.health()["max_batch_run"] > 1
+        for t, r in zip(turns, results):
+            messages, images = engine_messages(t)
+            ids = vlm.engine.inputs([messages], [images])["input_ids"][0]
+            assert r.usage.prompt_tokens == ids.numel()
+            assert r.usage.prompt_tokens_details.image_tokens == int((ids == vlm.model.config.image_token_id).sum())
+            assert (r.usage.prompt_tokens_details.image_tokens > 0) == bool(images)
+    finally:
+        s.close()
