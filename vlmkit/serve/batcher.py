@@ -293,9 +293,9 @@ class _Stepper(StoppingCriteria):
                 row.sent = row.text
             _emit(job, ("finish", row.index, reason))
         if all(c.finish_reason is not None for c in job.choices):
+            self.batcher._end(job)  # before "done": the client may close as soon as it has it
             if not job.cancelled.is_set():
                 _emit(job, ("done",))
-            self.batcher._end(job)
 
 
 def _shown(text: str, hold: int) -> str:
