@@ -288,6 +288,15 @@ def test_sampling_settings_per_request(server, vlm):
     reply = ask(client, turns, n=3, max_tokens=16)
     assert [ch.index for ch in reply.choices] == [0, 1, 2] and {ch.message.content for ch in reply.choices} == {greedy}
     assert reply.usage.completion_tokens == 3 * 16
+    # streamed choices carry their index; each equals its non-streamed twin (same seed)
+    kw = dict(temperature=1.5, seed=3, n=2, max_tokens=12)
+    whole = [ch.message.content for ch in ask(client, turns, **kw).choices]
+    chunks = streamed(client, turns, **kw)[3]
+    parts = ["", ""]
+    for chunk in chunks:
+        for ch in chunk.choices:
+            parts[ch.index] += ch.delta.content or ""
+    assert parts == whole and whole[0] != whole[1]
     # max_completion_tokens, the newer name, and max_tokens cap the reply
     short = client.chat.completions.create(model="tiny", messages=api_messages(turns), max_completion_tokens=3)
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
@@ -298,6 +307,24 @@ def test_sampling_settings_per_request(server, vlm):
     stopped = ask(client, turns, stop=[stop, "never seen"], max_tokens=16)
     assert stopped.choices[0].message.content == cut and stopped.choices[0].finish_reason == "stop"
     assert streamed(client, turns, stop=stop, max_tokens=16)[:2] == (cut, ["stop"])
+
+
+def test_one_log_line_per_request_and_content_only_when_asked(vlm, caplog):
+    for log_requests in (False, True):
+        s = Server(vlm, log_requests=log_requests)
+        try:
+            caplog.clear()
+            with caplog.at_level("INFO", logger="vlmkit.serve"):
+                reply = ask(s.client(), TURNS["text"], max_tokens=3)
+                refused(post(s, chat_body("hi", temperature=9)), 400)
+        finally:
+            s.close()
+        lines = [r.getMessage() for r in caplog.records if r.name == "vlmkit.serve"]
+        assert len(lines) == 2, lines
+        assert lines[0].startswith(reply.id) and "status=200" in lines[0] and "completion_tokens=3" in lines[0]
+        assert "status=400" in lines[1] and "temperature" in lines[1]
+        assert ("What colour is the circle?" in lines[0]) == log_requests
+        assert (json.dumps(reply.choices[0].message.content) in lines[0]) == log_requests
 
 
 def test_models_and_health(server):
