@@ -706,10 +706,14 @@ def test_vlmkit_serve_command(model_dir):
 def test_vlmkit_serve_refuses_bad_flags(capfd, tmp_path):
     from vlmkit.cli import main
 
-    for argv, words in ((["--max-images", "0"], "--max-images"), (["--media-root", str(tmp_path / "no")], "not a folder")):
+    busy = socket.create_server(("127.0.0.1", 0))
+    cases = ((["--max-images", "0"], "--max-images"), (["--media-root", str(tmp_path / "no")], "not a folder"),
+             (["--port", str(busy.getsockname()[1])], "choose another --port"))
+    for argv, words in cases:
         assert main(["serve", "--model", str(tmp_path), *argv]) == 2
         err = capfd.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+    busy.close()
 
 
 @pytest.mark.parametrize("family", ["smolvlm", "qwen2_vl"])

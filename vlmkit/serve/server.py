@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 
+from vlmkit.errors import VlmkitError
 from vlmkit.serve.api import Settings, create_app
 
 
@@ -28,12 +30,24 @@ print(reply.choices[0].message.content)'
 """
 
 
+def check_address(host: str, port: int) -> None:
+    """A `VlmkitError` if this process cannot listen on host:port (in use, or not an address of this machine)."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as e:
+        raise VlmkitError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
+
+
 def serve(model: str, settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve `model` (anything `vlmkit generate --model` takes) until Ctrl-C."""
     import uvicorn
 
     from vlmkit.infer.load import load
 
+    check_address(host, port)  # before the model loads: a busy port should fail in a second, not a minute
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     logger = logging.getLogger("vlmkit.serve")
