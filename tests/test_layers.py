@@ -20,6 +20,7 @@ LAYERS = [
     {"vlmkit.train", "vlmkit.infer", "vlmkit.export"},
     {"vlmkit.eval"},
     {"vlmkit.inspect", "vlmkit.quickstart"},
+    {"vlmkit.serve"},
     {"vlmkit.cli", "vlmkit"},
 ]
 

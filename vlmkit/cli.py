@@ -200,6 +200,26 @@ def cmd_merge(args) -> None:
     print(merge_to_folder(args.adapter, args.out))
 
 
+def cmd_serve(args) -> None:
+    from vlmkit.serve.api import Settings
+    from vlmkit.serve.server import serve
+
+    for flag, value in (("--max-images", args.max_images), ("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise VlmkitError(f"{flag} must be at least 1, not {value}")
+    if args.max_body_mb <= 0:
+        raise VlmkitError(f"--max-body-mb must be positive, not {args.max_body_mb}")
+    if args.media_root and not os.path.isdir(args.media_root):
+        raise VlmkitError(f"--media-root {args.media_root}: not a folder")
+    settings = Settings(
+        api_key=args.api_key or os.environ.get("VLMKIT_API_KEY") or None, allow_media_url=args.allow_media_url,
+        media_root=args.media_root, max_images=args.max_images, max_body_mb=args.max_body_mb,
+        max_batch=args.max_batch, max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms,
+        log_requests=args.log_requests,
+    )
+    serve(args.model, settings, host=args.host, port=args.port)
+
+
 def cmd_export(args) -> None:
     from vlmkit.export import export_llava
 
@@ -330,6 +350,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="the run folder (or its model/ adapter folder)")
     p.add_argument("out", help="folder to write the merged model to")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (chat completions)",
+                       description="Serve a model (a vlmkit run, a LoRA run, a pretrained VLM folder or hub id) over "
+                       "OpenAI's chat-completions API: POST /v1/chat/completions (streaming too), GET /v1/models, "
+                       "GET /health. Concurrent requests are decoded together in batches. Images come as data: URLs; "
+                       "http(s) URLs and local files only when allowed below. Limits and design: docs/serve.md.")
+    p.add_argument("--model", required=True, help="model folder (from train/quickstart), LoRA run, or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $VLMKIT_API_KEY; none if unset)")
+    p.add_argument("--allow-media-url", action="store_true",
+                   help="fetch http(s) image URLs (off by default); public addresses only, never loopback, private "
+                   "or link-local ones, with a size cap and a 10 s timeout")
+    p.add_argument("--media-root", metavar="DIR", help="allow local image paths and file:// URLs, inside DIR only")
+    p.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
+    p.add_argument("--max-body-mb", type=float, default=32.0,
+                   help="largest request body, and largest image fetched or read, in MB (default 32)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="requests decoded together (a request with n choices counts n; default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for the model; beyond it a 503 with Retry-After (default 64)")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="how long to wait for more requests before starting a batch that is not full (default 20)")
+    p.add_argument("--log-requests", action="store_true",
+                   help="log each request's messages and replies (off by default: only ids, token counts and times)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="write a standard transformers Llava checkpoint (CLIP/SigLIP towers)")
     p.add_argument("model")
