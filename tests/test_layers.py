@@ -18,7 +18,7 @@ LAYERS = [
     {"vlmkit.build"},
     {"vlmkit.train", "vlmkit.infer", "vlmkit.export"},
     {"vlmkit.eval"},
-    {"vlmkit.inspect", "vlmkit.quickstart"},
+    {"vlmkit.inspect", "vlmkit.quickstart", "vlmkit.ui"},
     {"vlmkit.cli", "vlmkit"},
 ]
 
