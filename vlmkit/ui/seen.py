@@ -54,13 +54,19 @@ class Seen:
         return "\n".join(lines)
 
     def gallery(self) -> list[tuple[Image.Image, str]]:
-        """(picture, caption) for every view of every image."""
+        """(picture, caption) for every view of every image; small views are enlarged pixel for pixel, so
+        the browser shows the processor's pixels rather than a blur of them."""
         out = []
         for k, image in enumerate(self.images, start=1):
             for v, view in enumerate(image.views, start=1):
                 which = f" view {v}/{len(image.views)}" if len(image.views) > 1 else ""
-                out.append((view, f"image {k}{which}: {view.width}x{view.height}, {image.tokens} tokens"))
+                out.append((_enlarged(view), f"image {k}{which}: {view.width}x{view.height}, {image.tokens} tokens"))
         return out
+
+
+def _enlarged(view: Image.Image, side: int = 256) -> Image.Image:
+    factor = side // max(view.size)
+    return view.resize((view.width * factor, view.height * factor), Image.NEAREST) if factor > 1 else view
 
 
 def what_the_model_sees(vlm, messages: list[dict], images: list) -> Seen:
