@@ -396,8 +396,16 @@ def test_the_page_builds_for_both_kinds_of_backend(tmp_path, a, b, api):
         assert {"chat", "box", "status", "seen", "seen-images", "raw-reply", "compare-box", "choose-a", "choose-b"} <= ids
 
 
-def test_cli_ui_refuses_bad_arguments(capfd, tmp_path):
+def test_cli_ui_refuses_bad_arguments(capfd, tmp_path, w):
     from vlmkit.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["ui", "--model", str(w / "model_a"), "--port", str(port), "--preferences", str(tmp_path / "p.jsonl")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: could not serve on 127.0.0.1:{port} (") and err[-1].endswith("pick another --port")
 
     assert main(["ui"]) == 2
     assert capfd.readouterr().err.strip() == "error: give --model M (a model folder or hub id) or --api-base URL (an OpenAI-compatible server)"
@@ -441,10 +449,11 @@ def server(w, browser, tmp_path_factory):
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                GRADIO_TEMP_DIR=str(root / "gradio"))
-    argv = [sys.executable, "-m", "vlmkit.cli", "ui", "--model", str(w / "model_a"), "--model-b", str(w / "model_b"),
+    argv = [sys.executable, "-m", "vlmkit.cli", "ui", "--model", "model_a", "--model-b", "model_b",
             "--port", str(port), "--preferences", str(root / "pairs.jsonl"), "--max-new-tokens", str(MAX_NEW)]
     log = open(root / "server.log", "w")
-    process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # run from the models' folder (the page names them as given); PYTHONPATH: this checkout's vlmkit
+    process = subprocess.Popen(argv, cwd=w, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     while True:
@@ -527,8 +536,9 @@ def test_browser_chat(page, w, a, capfd, tmp_path):
     prompt = page.input_value("#seen-prompt textarea")
     assert prompt.count("<image>") == 2 and expected in prompt  # the first reply is in the second prompt
     page.screenshot(path=str(tmp_path / "chat.png"))
-    if os.environ.get("VLMKIT_UI_SCREENSHOT"):
-        page.screenshot(path=os.environ["VLMKIT_UI_SCREENSHOT"])
+    if os.environ.get("VLMKIT_UI_SCREENSHOT"):  # the README's picture, in 256 colours to keep it small
+        shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+        shot.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(os.environ["VLMKIT_UI_SCREENSHOT"], optimize=True)
 
     # 3. a decompression bomb: one visible line, no traceback, and the chat goes on
     _send(page, "And this?", [w / "bomb.png"])
@@ -557,6 +567,7 @@ def test_browser_compare_writes_a_preference_pair(page, server, w, a, b, tmp_pat
     page.click("#choose-b")
     expect(page.locator("#compare-status")).to_contain_text("Saved: B is better (1 pair in")
     page.screenshot(path=str(tmp_path / "compare.png"))
+    print(f"screenshot: {tmp_path / 'compare.png'}")
 
     (pair,) = load_preferences(server["prefs"], check_images=True)
     assert pair.chosen[0]["content"][0]["text"] == answer_b and pair.rejected[0]["content"][0]["text"] == answer_a
