@@ -183,7 +183,8 @@ def test_retry_undo_clear_and_seeded_sampling(w, a):
     chat = Chat(a)
     turns = _last(chat.submit([], {"text": "Describe the image.", "files": [str(w / "red.png")]}, GREEDY))[0].turns
     greedy = turns[0]["reply"]
-    assert _last(chat.retry(turns, GREEDY))[0].turns[0]["reply"] == greedy  # greedy: the same again
+    step = _last(chat.retry(turns, GREEDY))[0]
+    assert step.turns[0]["reply"] == greedy and step.status.startswith("Retried: turn 1")  # greedy: the same again
 
     hot = Settings(temperature=1.5, top_p=0.9, max_new_tokens=MAX_NEW, seed=7)
     sampled = [_last(chat.retry(turns, hot))[0].turns[0]["reply"] for _ in range(2)]
@@ -476,6 +477,9 @@ def server(w, browser, tmp_path_factory):
 
 @pytest.fixture()
 def page(browser, server):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=60_000)  # a busy machine streams slowly
     context = browser.new_context(viewport={"width": 1280, "height": 860})
     page = context.new_page()
     page.set_default_timeout(60_000)
@@ -551,6 +555,17 @@ def test_browser_chat(page, w, a, capfd, tmp_path):
     expect(page.locator("#status")).to_contain_text("Done: turn 3")
     expect(page.locator("#seen")).to_contain_text("2 images in the conversation")
     page.screenshot(path=str(tmp_path / "after_bad_upload.png"))
+
+    # 4. retry, undo (the turn goes back into the box) and clear
+    page.click("#retry")
+    expect(page.locator("#status")).to_contain_text("Retried: turn 3")
+    expect(page.locator("#chat .message.bot")).to_have_count(3)
+    page.click("#undo")
+    expect(page.locator("#box textarea")).to_have_value("Thanks?")
+    expect(page.locator("#chat .message.bot")).to_have_count(2)
+    page.click("#clear")
+    expect(page.locator("#chat .message")).to_have_count(0)
+    expect(page.locator("#box textarea")).to_have_value("")
     print(f"screenshots: {tmp_path}")
 
 

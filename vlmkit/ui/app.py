@@ -86,7 +86,12 @@ def build_app(backend, backend_b=None, preferences: PreferenceFile | None = None
         for step in chat.retry(turns, settings, stop):
             yield shown(step)
 
-    def on_clear():
+    def on_undo(turns, request: gr.Request):
+        stop_of(request).set()  # a reply being generated belongs to the turn that goes
+        return shown(Chat.undo(turns))
+
+    def on_clear(request: gr.Request):
+        stop_of(request).set()
         return (*shown(Chat.clear())[:4], "", [], "", "")  # the panel too
 
     def on_stop(request: gr.Request):
@@ -160,11 +165,12 @@ def build_app(backend, backend_b=None, preferences: PreferenceFile | None = None
         knobs = [system, temperature, top_p, max_new, seed]
         chat_out = [chatbot, turns, box, status, seen_md, gallery, prompt, raw]
         busy = {"concurrency_id": "generate", "concurrency_limit": 1}
-        box.submit(on_submit, [turns, box, *knobs], chat_out, **busy)
-        retry_btn.click(on_retry, [turns, *knobs], chat_out, **busy)
+        sent = box.submit(on_submit, [turns, box, *knobs], chat_out, **busy)
+        again = retry_btn.click(on_retry, [turns, *knobs], chat_out, **busy)
         stop_btn.click(on_stop, None, None, queue=False)
-        undo_btn.click(lambda t: shown(Chat.undo(t)), [turns], chat_out)
-        clear_btn.click(on_clear, None, chat_out)
+        # during a generation, undo and clear cancel it first, so its next piece cannot bring the turn back
+        undo_btn.click(on_undo, [turns], chat_out, cancels=[sent, again])
+        clear_btn.click(on_clear, None, chat_out, cancels=[sent, again])
         compare_box.submit(on_compare, [compare_box, *knobs], [answer_a, answer_b, compare_status, pending], **busy)
         compare_stop.click(on_stop, None, None, queue=False)
         choose_a.click(lambda p: compare.choose(p, "a"), [pending], [compare_status, pending])

@@ -124,7 +124,7 @@ class Chat:
             yield Step(turns, "Nothing to retry yet.", done=True)
             return
         last = dict(turns[-1], reply="")
-        yield from self._generate(list(turns[:-1]) + [last], settings, stop, restore=None, fallback=turns)
+        yield from self._generate(list(turns[:-1]) + [last], settings, stop, restore=None, fallback=turns, done="Retried")
 
     @staticmethod
     def undo(turns: list[dict]) -> Step:
@@ -140,7 +140,7 @@ class Chat:
 
     def _generate(
         self, turns: list[dict], settings: Settings, stop: Event | None, box: dict | None = None,
-        restore: dict | None = None, fallback: list[dict] | None = None,
+        restore: dict | None = None, fallback: list[dict] | None = None, done: str = "Done",
     ) -> Iterator[Step]:
         """Stream the last turn's reply. On an error the conversation goes back to `fallback` (the turns
         before this call) and the input box to `restore` (what the user had typed)."""
@@ -174,7 +174,7 @@ class Chat:
         turns[-1]["reply"] = reply.strip()
         seconds = time.perf_counter() - start
         stopped = stop is not None and stop.is_set()
-        how = "Stopped" if stopped else "Done"
+        how = "Stopped" if stopped else done
         yield Step(turns, f"{how}: turn {len(turns)}, {seconds:.1f} s.", reply=reply.strip(), done=True)
 
 
