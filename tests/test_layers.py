@@ -19,7 +19,7 @@ LAYERS = [
     {"vlmkit.build"},
     {"vlmkit.train", "vlmkit.infer", "vlmkit.export"},
     {"vlmkit.eval"},
-    {"vlmkit.inspect", "vlmkit.quickstart"},
+    {"vlmkit.inspect", "vlmkit.quickstart", "vlmkit.ui"},
     {"vlmkit.serve"},
     {"vlmkit.cli", "vlmkit"},
 ]

@@ -158,6 +158,15 @@ def cmd_chat(args) -> None:
     chat_loop(_load_engine(args.model), system=args.system, max_new_tokens=args.max_new_tokens)
 
 
+def cmd_ui(args) -> None:
+    from vlmkit.ui.app import launch
+
+    launch(
+        model=args.model, model_b=args.model_b, api_base=args.api_base, api_key=args.api_key, host=args.host,
+        port=args.port, share=args.share, preferences=args.preferences, max_new_tokens=args.max_new_tokens,
+    )
+
+
 def cmd_eval(args) -> None:
     from vlmkit.eval.run import evaluate, predictions_path
 
@@ -231,6 +240,15 @@ def _add_sampling(p, max_new_tokens: int = 64) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"most tokens to generate (default {max_new_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
+
+
+def _yes_no(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: give true or false")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,6 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="a system message")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("ui", help="chat with a model in the browser: images, settings, what the model sees, compare two",
+                       description="Serve a web page (Gradio) to chat with a model: text and images in any turn, "
+                       "streamed replies, what the model receives for the last turn, and a tab comparing two models "
+                       "whose chosen answers are appended to a DPO preference file. Docs: docs/ui.md.")
+    p.add_argument("--model", help="model folder or hub id (with --api-base: the model's name at the server)")
+    p.add_argument("--model-b", help="a second model for the compare tab (e.g. a base model and its LoRA run)")
+    p.add_argument("--api-base", help="chat with an OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", help="the server's API key (default: $OPENAI_API_KEY, or none)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    p.add_argument("--share", nargs="?", const=True, default=False, type=_yes_no, metavar="true|false",
+                   help="also open a public gradio.live link (default false)")
+    p.add_argument("--preferences", default="preferences.jsonl",
+                   help="JSONL file the compare tab appends chosen pairs to, images beside it (default preferences.jsonl)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="the settings panel's starting value (default 256)")
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("eval", help="score a model (or predictions) on a dataset; writes a JSON report")
     p.add_argument("--model", help="model folder or hub id")

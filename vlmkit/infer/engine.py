@@ -13,7 +13,7 @@ frames natively; the others get them as images, each labelled with its timestamp
 from __future__ import annotations
 
 import sys
-from threading import Thread
+from threading import Event, Thread
 from typing import Iterator
 
 import numpy as np
@@ -137,14 +137,27 @@ class Engine:
         return outputs
 
     def stream(
-        self, messages: list[dict], images: list | None = None, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0
+        self,
+        messages: list[dict],
+        images: list | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Event | None = None,
     ) -> Iterator[str]:
-        """Yield the reply to one conversation piece by piece."""
-        from transformers import TextIteratorStreamer
+        """Yield the reply to one conversation piece by piece.
+
+        Generation ends early when `stop` is set (a Stop button) or when the caller stops reading (the
+        generator is closed), so an abandoned reply does not keep the model busy."""
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         inputs = self._cast(self.inputs([messages], [images or []]))
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(**inputs, **self._gen_kwargs(max_new_tokens, temperature, top_p), streamer=streamer)
+        halt = Event()
+        stopping = StoppingCriteriaList([_Stopped(halt, stop)])
+        kwargs = dict(
+            **inputs, **self._gen_kwargs(max_new_tokens, temperature, top_p), streamer=streamer, stopping_criteria=stopping
+        )
         errors: list[BaseException] = []
 
         def run() -> None:
@@ -157,10 +170,24 @@ class Engine:
 
         thread = Thread(target=run, daemon=True)
         thread.start()
-        yield from streamer
-        thread.join()
+        try:
+            yield from streamer
+        finally:  # also when the caller closes the generator early: stop at the next token
+            halt.set()
+            thread.join()
         if errors:
             raise errors[0]
+
+
+class _Stopped:
+    """A stopping criterion: True (for every row) once either event is set."""
+
+    def __init__(self, *events: Event | None):
+        self.events = [e for e in events if e is not None]
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = any(e.is_set() for e in self.events)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 def _video_kwargs(videos: list) -> dict:
