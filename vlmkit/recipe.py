@@ -42,8 +42,8 @@ def choose_method(new_model: bool, stage: str) -> Choice:
     if stage == "align":
         return Choice("method", "full", "stage=align trains the projector alone")
     where = "beside the new projector, trained in full" if new_model else "on the pretrained model"
-    return Choice("method", "lora", f"LoRA r16 on the LM's attention {where}: as accurate per step as full "
-                  "fine-tuning in our measurements, with a cheaper step and a smaller memory footprint")
+    return Choice("method", "lora", f"LoRA r16 on the LM's attention {where}: more learned per step than the "
+                  "projector alone, a cheaper step and far less optimizer memory than the whole LM")
 
 
 def choose_lr(adapters: bool) -> Choice:
