@@ -37,21 +37,11 @@ QUESTIONS = ["What colour is the shape?", "What shape is it?", "Where is the sha
 
 
 def tiny_model(folder: Path) -> Path:
-    """A tiny random VLM (CLIP tower + Llama LM from tests/tiny.py) with weights wide enough to vary its replies."""
-    import torch
-
+    """A tiny random VLM (tests/tiny.py's, as the serve tests use) with weights wide enough to vary its replies."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import make_clip_vision, make_llama
+    from tiny import make_varied_vlm
 
-    from vlmkit.build import compose
-
-    model, processor = compose(vision=str(make_clip_vision(folder / "clip")), llm=str(make_llama(folder / "llm")), image_tokens=4)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * (0.5 if "embed" in name and p.dim() == 2 else 0.15))
-    return _save(model, processor, folder / "model")
+    return make_varied_vlm(folder)
 
 
 def default_model(folder: Path) -> Path:

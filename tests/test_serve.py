@@ -26,9 +26,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
 from PIL import Image
-from tiny import make_clip_vision, make_llama
+from tiny import make_varied_vlm
 
 from vlmkit.serve.api import Settings, create_app
 
@@ -41,18 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def model_dir(tmp_path_factory):
     """A composed tiny VLM (CLIP tower, Llama LM, 4 image tokens) with weights drawn wide enough that its
     greedy replies depend on the prompt and the image (at the default init every reply is the same)."""
-    from vlmkit.build import compose
-
-    root = tmp_path_factory.mktemp("serve")
-    model, processor = compose(vision=str(make_clip_vision(root / "clip")), llm=str(make_llama(root / "llm")), image_tokens=4)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * (0.5 if "embed" in name and p.dim() == 2 else 0.15))
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    return root / "model"
+    return make_varied_vlm(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

@@ -150,3 +150,22 @@ def make_vision(folder: Path, arch: str, image_size: int = 32, seed: int = 0) ->
     tf.AutoModel.from_config(config).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def make_varied_vlm(folder: Path) -> Path:
+    """A composed tiny VLM (CLIP tower, Llama LM, 4 image tokens) saved to `folder/model`, its weights drawn
+    wide enough that its greedy replies depend on the prompt and the image (at the default init every
+    reply is the same). The serve tests and bench/serve.py use it."""
+    import torch
+
+    from vlmkit.build import compose
+
+    model, processor = compose(vision=str(make_clip_vision(folder / "clip")), llm=str(make_llama(folder / "llm")), image_tokens=4)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * (0.5 if "embed" in name and p.dim() == 2 else 0.15))
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    return folder / "model"

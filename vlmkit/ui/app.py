@@ -66,25 +66,25 @@ def build_app(backend, backend_b=None, preferences: PreferenceFile | None = None
         except VlmkitError as e:
             return Step(turns, f"Not sent: {e}", done=True)
 
-    def on_submit(turns, message, system, temperature, top_p, max_new, seed, request: gr.Request):
+    def generate(turns, values, request, steps):
+        """The chat tab's outputs for `steps(settings, stop)`, once the settings are good; the session's
+        Stop flag is cleared first."""
         stop = stop_of(request)
         stop.clear()
-        settings = settings_or_step(turns, (system, temperature, top_p, max_new, seed))
+        settings = settings_or_step(turns, values)
         if isinstance(settings, Step):
             yield shown(settings)
             return
-        for step in chat.submit(turns, message, settings, stop):
+        for step in steps(settings, stop):
             yield shown(step)
 
+    def on_submit(turns, message, system, temperature, top_p, max_new, seed, request: gr.Request):
+        yield from generate(turns, (system, temperature, top_p, max_new, seed), request,
+                            lambda settings, stop: chat.submit(turns, message, settings, stop))
+
     def on_retry(turns, system, temperature, top_p, max_new, seed, request: gr.Request):
-        stop = stop_of(request)
-        stop.clear()
-        settings = settings_or_step(turns, (system, temperature, top_p, max_new, seed))
-        if isinstance(settings, Step):
-            yield shown(settings)
-            return
-        for step in chat.retry(turns, settings, stop):
-            yield shown(step)
+        yield from generate(turns, (system, temperature, top_p, max_new, seed), request,
+                            lambda settings, stop: chat.retry(turns, settings, stop))
 
     def on_undo(turns, request: gr.Request):
         stop_of(request).set()  # a reply being generated belongs to the turn that goes
