@@ -29,7 +29,7 @@ from vlmkit.model.pretrained import load_pretrained, model_type_of, read_config
 from vlmkit.model.projector import grid_side
 from vlmkit.model.vision import load_vision
 from vlmkit.model.vlm import VlmkitConfig, VlmkitForConditionalGeneration, is_vlmkit_dir
-from vlmkit.recipe import choose_column_words, choose_image_positions, choose_image_tokens, default_layout, tower_grid
+from vlmkit.recipe import choose_layout
 
 DEFAULTS = TrainConfig()  # the one source of default model settings
 
@@ -54,14 +54,11 @@ def compose(
     `column_words`: each image is laid out column by column, each column after the LM's word for it
     (" left", " right"; " left", " middle", " right" for a 3x3 grid), as SmolVLM's processor writes
     `<row_1_col_1>` before each tile, but in words the LM already knows."""
-    if image_tokens is None and image_size is None:
-        image_size, image_tokens = default_layout(vision)
-    elif image_tokens is None:
-        image_tokens = choose_image_tokens(tower_grid(vision, image_size)).value
-    if column_words is None:
-        column_words = choose_column_words(image_tokens, vision).value
-    if image_positions is None:
-        image_positions = choose_image_positions(vision).value
+    layout = {c.key: c.value for c in choose_layout(vision, image_size, image_tokens, image_positions, column_words)}
+    image_size = layout.get("image_size", image_size)
+    image_tokens = layout.get("image_tokens", image_tokens)
+    image_positions = layout.get("image_positions", image_positions)
+    column_words = layout.get("column_words", column_words)
     spec, tower, image_processor = load_vision(vision, image_size=image_size, feature_layer=vision_feature_layer)
     lm, tokenizer = load_llm(llm)
     if ensure_special_tokens(tokenizer):
@@ -158,8 +155,9 @@ def sample_renderer(model: str | None = None) -> SampleRenderer:
     processor, a pretrained VLM's processor and chat template, or (no model) the default composition's
     tokenizer."""
     if model is None:
+        processor = default_processor()
         return SampleRenderer.composed(
-            default_processor(), f"the default tokenizer ({DEFAULT_LLM}, {default_layout(DEFAULTS.vision)[1]} tokens per image)"
+            processor, f"the default tokenizer ({DEFAULT_LLM}, {processor.image_seq_len} tokens per image)"
         )
     name = model_folder(model)
     if is_vlmkit_dir(name):
@@ -196,7 +194,8 @@ def default_processor() -> VlmkitProcessor:
         ) from None
     ensure_special_tokens(tokenizer)
     # never used to render text; the default tower's, for completeness
-    size, tokens = default_layout(DEFAULTS.vision)
-    image_processor = fixed_size_processor(size or 224, IMAGE_MEAN, IMAGE_STD)
-    words = grid_column_words(grid_side(tokens)) if choose_column_words(tokens, DEFAULTS.vision).value else None
+    layout = {c.key: c.value for c in choose_layout(DEFAULTS.vision, None, None, None, None)}
+    tokens = layout["image_tokens"]
+    image_processor = fixed_size_processor(layout["image_size"] or 224, IMAGE_MEAN, IMAGE_STD)
+    words = grid_column_words(grid_side(tokens)) if layout["column_words"] else None
     return VlmkitProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=tokens, column_words=words)

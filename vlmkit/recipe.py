@@ -131,10 +131,23 @@ def choose_steps(samples: int, per_step: int) -> Choice:
                   f"{MIN_STEPS} steps, at most {MAX_EPOCHS} epochs)")
 
 
-def default_layout(vision: str) -> tuple[int | None, int]:
-    """(image_size, image_tokens) of a new composition with `vision` when neither is set."""
-    size = choose_image_size(vision).value
-    return size, choose_image_tokens(tower_grid(vision, size)).value
+def choose_layout(
+    vision: str, image_size: int | None, image_tokens: int | None, image_positions: bool | None, column_words: bool | None
+) -> list[Choice]:
+    """How a new composition lays out its image tokens, for the keys left at None: the input size (only
+    when the token count is not given either), the token grid, position embeddings and column words."""
+    choices = []
+    if image_size is None and image_tokens is None:
+        choices.append(choose_image_size(vision))
+        image_size = choices[-1].value
+    if image_tokens is None:
+        choices.append(choose_image_tokens(tower_grid(vision, image_size)))
+        image_tokens = choices[-1].value
+    if image_positions is None:
+        choices.append(choose_image_positions(vision))
+    if column_words is None:
+        choices.append(choose_column_words(image_tokens, vision))
+    return choices
 
 
 def tower_grid(vision: str, image_size: int | None) -> int | None:
@@ -176,18 +189,12 @@ def resolve(cfg: TrainConfig, device_type: str | None = None) -> tuple[TrainConf
     if cfg.batch_size is None:
         take(choose_batch_size(device_type))
     if new_model:
-        if cfg.image_size is None and cfg.image_tokens is None:
-            take(choose_image_size(cfg.vision))
-        if cfg.image_tokens is None:
-            take(choose_image_tokens(tower_grid(cfg.vision, values.get("image_size", cfg.image_size))))
-    if new_model and cfg.image_positions is None:
-        take(choose_image_positions(cfg.vision))
-    if new_model and cfg.column_words is None:
-        take(choose_column_words(values.get("image_tokens", cfg.image_tokens), cfg.vision))
-    if new_model and cfg.position_words is None:
-        words = values.get("column_words", cfg.column_words) and values.get("image_positions", cfg.image_positions)
-        take(Choice("position_words", bool(words), "the position embeddings start at the column words" if words
-                    else "no column words to start from"))
+        for choice in choose_layout(cfg.vision, cfg.image_size, cfg.image_tokens, cfg.image_positions, cfg.column_words):
+            take(choice)
+        if cfg.position_words is None:
+            words = values.get("column_words", cfg.column_words) and values.get("image_positions", cfg.image_positions)
+            take(Choice("position_words", bool(words), "the position embeddings start at the column words" if words
+                        else "no column words to start from"))
     if cfg.position_words and not values.get("image_positions", cfg.image_positions):
         raise VlmkitError("config field `position_words` needs `image_positions=true` (the embeddings it starts)")
     if cfg.projector_init == "auto":
