@@ -152,15 +152,16 @@ def make_vision(folder: Path, arch: str, image_size: int = 32, seed: int = 0) ->
     return folder
 
 
-def make_varied_vlm(folder: Path) -> Path:
-    """A composed tiny VLM (CLIP tower, Llama LM, 4 image tokens) saved to `folder/model`, its weights drawn
-    wide enough that its greedy replies depend on the prompt and the image (at the default init every
-    reply is the same). The serve tests and bench/serve.py use it."""
+def make_varied_vlm(folder: Path, llm: str = "llama") -> Path:
+    """A composed tiny VLM (CLIP tower, a Llama LM or `make_lm`'s `llm`, 4 image tokens) saved to
+    `folder/model`, its weights drawn wide enough that its greedy replies depend on the prompt and the
+    image (at the default init every reply is the same). The serve and decode tests and bench/serve.py use it."""
     import torch
 
     from vlmkit.build import compose
 
-    model, processor = compose(vision=str(make_clip_vision(folder / "clip")), llm=str(make_llama(folder / "llm")), image_tokens=4)
+    lm = make_llama(folder / "llm") if llm == "llama" else make_lm(folder / "llm", llm)
+    model, processor = compose(vision=str(make_clip_vision(folder / "clip")), llm=str(lm), image_tokens=4)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -30,10 +30,10 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _load_engine(model: str):
+def _load_engine(model: str, decode: str = "auto"):
     from vlmkit.infer.load import load
 
-    return load(model).engine
+    return load(model, decode=decode).engine
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def _conversation(args) -> tuple[list[dict], list[str]]:
 
 
 def cmd_generate(args) -> None:
-    engine = _load_engine(args.model)
+    engine = _load_engine(args.model, args.decode)
     opts = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if args.batch:
         from vlmkit.data.schema import load_samples, split_reference
@@ -129,7 +129,7 @@ def _run_task(args, key: str, prompt_of, extra: dict | None = None) -> None:
     from vlmkit.infer.tasks import collect_images, run_images
 
     images = collect_images(args.images)  # a bad path fails before the model loads
-    vlm = load(args.model)
+    vlm = load(args.model, decode=args.decode)
     prompt = args.prompt or prompt_of(vlm.family)
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if len(images) == 1 and not args.output and not os.path.isdir(args.images[0]):
@@ -155,7 +155,7 @@ def cmd_ocr(args) -> None:
 def cmd_chat(args) -> None:
     from vlmkit.infer.chat import chat_loop
 
-    chat_loop(_load_engine(args.model), system=args.system, max_new_tokens=args.max_new_tokens)
+    chat_loop(_load_engine(args.model, args.decode), system=args.system, max_new_tokens=args.max_new_tokens)
 
 
 def cmd_ui(args) -> None:
@@ -164,13 +164,14 @@ def cmd_ui(args) -> None:
     launch(
         model=args.model, model_b=args.model_b, api_base=args.api_base, api_key=args.api_key, host=args.host,
         port=args.port, share=args.share, preferences=args.preferences, max_new_tokens=args.max_new_tokens,
+        decode=args.decode,
     )
 
 
 def cmd_eval(args) -> None:
     from vlmkit.eval.run import evaluate, predictions_path
 
-    engine = None if args.predictions else _load_engine(args.model) if args.model else None
+    engine = None if args.predictions else _load_engine(args.model, args.decode) if args.model else None
     report = evaluate(
         args.data, args.output, engine=engine, predictions=args.predictions,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -226,7 +227,7 @@ def cmd_serve(args) -> None:
         max_batch=args.max_batch, max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms,
         log_requests=args.log_requests,
     )
-    serve(args.model, settings, host=args.host, port=args.port)
+    serve(args.model, settings, host=args.host, port=args.port, decode=args.decode)
 
 
 def cmd_export(args) -> None:
@@ -240,6 +241,16 @@ def _add_sampling(p, max_new_tokens: int = 64) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"most tokens to generate (default {max_new_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
+
+
+DECODE = ("auto", "transformers", "fp32", "bf16", "int8")  # vlmkit.infer.engine.DECODE_CHOICES (tests check)
+
+
+def _add_decode(p) -> None:
+    p.add_argument("--decode", choices=DECODE, default="auto",
+                   help="how replies are decoded: auto (default: on CPU vlmkit's decoder, int8 weights where the CPU "
+                   "has bf16 units, else fp32; on GPU transformers' generate), transformers, or vlmkit's decoder in "
+                   "fp32 (token for token transformers'), bf16 or int8. Figures: docs/decode.md")
 
 
 def _yes_no(text: str) -> bool:
@@ -300,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=None, help="keyframes to sample evenly from each video (default 8)")
     p.add_argument("--fps", type=float, default=None, help="sample keyframes at this rate instead of --frames")
     _add_sampling(p)
+    _add_decode(p)
     p.set_defaults(func=cmd_generate)
 
     presets = (
@@ -321,12 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--output", help="JSONL file to append results to (resumable); default: stdout")
         p.add_argument("--batch-size", type=int, default=8, help="images per generation batch (default 8)")
         _add_sampling(p, max_new)
+        _add_decode(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat; /image PATH adds an image")
     p.add_argument("--model", required=True)
     p.add_argument("--system", help="a system message")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    _add_decode(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("ui", help="chat with a model in the browser: images, settings, what the model sees, compare two",
@@ -344,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preferences", default="preferences.jsonl",
                    help="JSONL file the compare tab appends chosen pairs to, images beside it (default preferences.jsonl)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="the settings panel's starting value (default 256)")
+    _add_decode(p)
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("eval", help="score a model (or predictions) on a dataset; writes a JSON report")
@@ -353,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", help="score this JSONL of {\"prediction\": ...} lines instead of running a model")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    _add_decode(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="dataset tools: check, shapes")
@@ -410,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to wait for more requests before starting a batch that is not full (default 20)")
     p.add_argument("--log-requests", action="store_true",
                    help="log each request's messages and replies (off by default: only ids, token counts and times)")
+    _add_decode(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="write a standard transformers Llava checkpoint (CLIP/SigLIP towers)")

@@ -4,6 +4,10 @@ The engine renders prompts with the processor's chat template (or a family's pla
 batch so every prompt ends where generation starts, and decodes only the new tokens. Greedy by default
 (temperature 0); `temperature`/`top_p` switch to sampling. `stream` yields text pieces as they come.
 
+On a CPU, the decode steps after the prompt run through `vlmkit.model.decoder` when the language model
+is Llama-like (`decode`: `auto` picks the precision, see `choose_decode`; `transformers` always uses
+`model.generate`); the prompt and images always go through the model's own forward.
+
 A conversation's media are given in order of appearance of its `{"type": "image"}` and
 `{"type": "video"}` parts: an image is a path, bytes or PIL image; a video is a path or a list of
 `vlmkit.data.video.Frame`. Families with a video processor of their own (SmolVLM2, Qwen2-VL) get the
@@ -23,15 +27,28 @@ from tqdm.auto import tqdm
 from vlmkit.data.images import load_image
 from vlmkit.data.messages import chat_text, normalise_messages, plain_prompt
 from vlmkit.errors import VlmkitError
+from vlmkit.model.decoder import PRECISIONS, Decoder, decode, int8_available, unsupported
 from vlmkit.model.families import Family, family_of
+from vlmkit.model.parts import find_part
+
+DECODE_CHOICES = ("auto", "transformers") + PRECISIONS
 
 
 class Engine:
-    def __init__(self, model, processor, device: torch.device | str | None = None, family: Family | None = None):
+    def __init__(
+        self,
+        model,
+        processor,
+        device: torch.device | str | None = None,
+        family: Family | None = None,
+        decode: str = "auto",
+    ):
         self.model = model.eval()
         self.processor = processor
         self.family = family or family_of(getattr(model.config, "model_type", ""))
         self.device = torch.device(device) if device else next(model.parameters()).device
+        self.decode, self.decode_reason = choose_decode(model, self.device, decode)
+        self._decoder: Decoder | None = None
         processor.tokenizer.padding_side = "left"
         if processor.tokenizer.pad_token is None:
             processor.tokenizer.pad_token = processor.tokenizer.eos_token
@@ -114,6 +131,39 @@ class Engine:
         dtype = next(self.model.parameters()).dtype
         return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
 
+    def decoder(self) -> Decoder | None:
+        """vlmkit's decode loop for this model (built once), or None when `model.generate` is used."""
+        if self.decode == "transformers":
+            return None
+        if self._decoder is None:
+            base, head, config = language_parts(self.model)
+            self._decoder = Decoder(base, head, config, self.decode)
+        return self._decoder
+
+    def _decoder_for(self, inputs: dict, max_new_tokens: int) -> Decoder | None:
+        decoder = self.decoder()
+        if decoder is not None and decoder.window and inputs["input_ids"].shape[1] + max_new_tokens > decoder.window:
+            return None  # past Mistral's window, attention is no longer full: transformers' generate
+        return decoder
+
+    def _run(self, inputs: dict, max_new_tokens: int, temperature: float, top_p: float, on_token=None) -> torch.Tensor:
+        """New tokens (B, N) after the prompt of `inputs`, through vlmkit's decoder or `model.generate`."""
+        decoder = self._decoder_for(inputs, max_new_tokens)
+        if decoder is None:
+            out = self.model.generate(**inputs, **self._gen_kwargs(max_new_tokens, temperature, top_p))
+            return out[:, inputs["input_ids"].shape[1] :]
+        return decode(
+            decoder, self.model, inputs, max_new_tokens, self.stop_ids(),
+            self.processor.tokenizer.pad_token_id, temperature, top_p, on_token,
+        )
+
+    def stop_ids(self) -> set[int]:
+        """The token ids that end a reply, as `model.generate` reads them."""
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.processor.tokenizer.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos]) - {None}
+
     @torch.inference_mode()
     def generate(
         self,
@@ -131,8 +181,7 @@ class Engine:
         starts = range(0, len(conversations), batch_size)
         for i in tqdm(starts, desc="generating", unit="batch", disable=not progress, file=sys.stderr):
             inputs = self._cast(self.inputs(conversations[i : i + batch_size], images[i : i + batch_size]))
-            out = self.model.generate(**inputs, **self._gen_kwargs(max_new_tokens, temperature, top_p))
-            new = out[:, inputs["input_ids"].shape[1] :]
+            new = self._run(inputs, max_new_tokens, temperature, top_p)
             outputs.extend(t.strip() for t in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True))
         return outputs
 
@@ -154,16 +203,25 @@ class Engine:
         inputs = self._cast(self.inputs([messages], [images or []]))
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         halt = Event()
-        stopping = StoppingCriteriaList([_Stopped(halt, stop)])
-        kwargs = dict(
-            **inputs, **self._gen_kwargs(max_new_tokens, temperature, top_p), streamer=streamer, stopping_criteria=stopping
-        )
+        stopped = _Stopped(halt, stop)
         errors: list[BaseException] = []
+
+        def on_token(tokens: torch.Tensor) -> bool:
+            streamer.put(tokens.cpu())
+            return bool(stopped(tokens[:, None], None).all())
 
         def run() -> None:
             try:
                 with torch.inference_mode():
-                    self.model.generate(**kwargs)
+                    if self._decoder_for(inputs, max_new_tokens) is None:
+                        self.model.generate(
+                            **inputs, **self._gen_kwargs(max_new_tokens, temperature, top_p), streamer=streamer,
+                            stopping_criteria=StoppingCriteriaList([stopped]),
+                        )
+                    else:
+                        streamer.put(inputs["input_ids"].cpu())  # the prompt, which the streamer skips
+                        self._run(inputs, max_new_tokens, temperature, top_p, on_token)
+                        streamer.end()
             except BaseException as e:  # re-raised in the caller's thread, after the streamer ends
                 errors.append(e)
                 streamer.end()
@@ -177,6 +235,41 @@ class Engine:
             thread.join()
         if errors:
             raise errors[0]
+
+
+def language_parts(model):
+    """(the LM's base model: embeddings, layers, norm; its output head; its config) of any VLM."""
+    found = find_part(model, "language")
+    lm = found[1] if found else model
+    base = lm.model if hasattr(lm, "model") and hasattr(lm.model, "layers") else lm
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return base, model.get_output_embeddings(), config
+
+
+def choose_decode(model, device: torch.device, asked: str = "auto") -> tuple[str, str]:
+    """(decode path, why): `transformers` or a precision of vlmkit's decoder (`fp32`, `bf16`, `int8`)."""
+    from vlmkit.device import cpu_has_bf16
+
+    if asked not in DECODE_CHOICES:
+        raise VlmkitError(f"decode {asked!r}: choose one of {', '.join(DECODE_CHOICES)}")
+    if asked == "transformers":
+        return asked, "asked for"
+    base, head, config = language_parts(model)
+    why = unsupported(config)
+    laid_out = head is not None and all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
+    if why is None and not laid_out:
+        why = "its language model's modules are not laid out as Llama's"
+    if why is not None:
+        if asked != "auto":
+            raise VlmkitError(f"decode={asked}: vlmkit's decoder cannot run this model ({why}); use decode=transformers")
+        return "transformers", why
+    if asked != "auto":
+        return asked, "asked for"
+    if device.type != "cpu":
+        return "transformers", f"on {device.type}, transformers' generate"
+    if cpu_has_bf16() and int8_available():
+        return "int8", "a CPU with bf16 units: int8 weights, bf16 activations (docs/decode.md)"
+    return "fp32", "a CPU without bf16 units: fp32 weights"
 
 
 class _Stopped:

@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from vlmkit.data.messages import user_turn
+from vlmkit.errors import VlmkitError
 from vlmkit.model.families import Family, family_of
 
 
@@ -23,6 +24,7 @@ class VLM:
     processor: object
     family: Family = field(default=None)  # type: ignore[assignment]
     name: str = ""
+    decode: str = "auto"  # the engine's decode path (vlmkit.infer.engine.DECODE_CHOICES)
 
     def __post_init__(self):
         if self.family is None:
@@ -33,7 +35,7 @@ class VLM:
         from vlmkit.infer.engine import Engine
 
         if not hasattr(self, "_engine"):
-            self._engine = Engine(self.model, self.processor, family=self.family)
+            self._engine = Engine(self.model, self.processor, family=self.family, decode=self.decode)
         return self._engine
 
     def generate(self, messages: list[dict], images: list | None = None, **kwargs) -> str:
@@ -59,10 +61,14 @@ class VLM:
         return self.engine.generate(conversations, [[i] for i in images], batch_size=batch_size, **kwargs)
 
 
-def load(name: str, device: str | None = None, dtype: torch.dtype | None = None) -> VLM:
+def load(name: str, device: str | None = None, dtype: torch.dtype | None = None, decode: str = "auto") -> VLM:
     """Load a model by folder (a vlmkit run, a LoRA adapter run, a transformers VLM) or hub id; the device
-    defaults to CUDA when available."""
+    defaults to CUDA when available. `decode`: how replies are decoded (`auto`, `transformers`, or a
+    precision of vlmkit's decoder: `fp32`, `bf16`, `int8`; docs/decode.md)."""
     from vlmkit.build import load as build, model_folder
+    from vlmkit.infer.engine import DECODE_CHOICES
 
+    if decode not in DECODE_CHOICES:  # before the model loads
+        raise VlmkitError(f"decode {decode!r}: choose one of {', '.join(DECODE_CHOICES)}")
     model, processor = build(name, device=device, dtype=dtype)
-    return VLM(model, processor, name=model_folder(name))
+    return VLM(model, processor, name=model_folder(name), decode=decode)

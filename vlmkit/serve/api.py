@@ -64,8 +64,8 @@ def create_app(vlm, settings: Settings) -> FastAPI:
     model_id = settings.model_id or vlm.name or "vlmkit"
     # Two processors of our own: one for the worker, one (behind a lock) for checking requests as they
     # come; a fast tokenizer must not be used from two threads at once.
-    worker = Engine(vlm.model, copy.deepcopy(vlm.processor), family=vlm.family)
-    checker = Engine(vlm.model, copy.deepcopy(vlm.processor), family=vlm.family)
+    worker = Engine(vlm.model, copy.deepcopy(vlm.processor), family=vlm.family, decode=vlm.decode)
+    checker = Engine(vlm.model, copy.deepcopy(vlm.processor), family=vlm.family, decode="transformers")  # never decodes
     check_lock = threading.Lock()
     batcher = Batcher(worker, settings.max_batch, settings.max_queue, settings.batch_wait_ms / 1000)
     context = context_length(vlm.model)

@@ -2,10 +2,10 @@
 
 Requests queue up (a bounded queue: a full one is a 503 with `Retry-After`). When the worker is free it
 takes the waiting requests, after a short gathering window when there are fewer than `max_batch` rows,
-and runs them as one left-padded batch through the engine's own `inputs` and the model's `generate`, the
-exact path of `Engine.generate`; so a greedy reply is token for token the one `vlmkit generate` gives,
-alone or in a batch (tests/test_serve.py checks it). What differs per request rides on two hooks that
-`generate` calls at every step:
+and runs them as one left-padded batch through the engine's own `inputs` and decode path (vlmkit's
+decode loop, or the model's `generate` where the engine uses it), the exact path of `Engine.generate`;
+so a greedy reply is token for token the one `vlmkit generate` gives, alone or in a batch
+(tests/test_serve.py checks it). What differs per request rides on two hooks called at every step:
 
 - `_Sampler` (a logits processor): a row that samples draws its token from its own temperature, top_p
   and seeded generator and leaves only that token's logit; greedy rows are untouched, so the argmax that
@@ -15,8 +15,7 @@ alone or in a batch (tests/test_serve.py checks it). What differs per request ri
   client went away. `generate` ends when every row has stopped.
 
 A request with `n` choices is `n` rows. Requests that arrive while a batch runs wait for the next one
-(dynamic, not continuous, batching: `generate` cannot take new rows mid-flight, and staying on it keeps
-every model family `vlmkit generate` runs, Qwen2-VL's 3-D positions included).
+(dynamic, not continuous, batching: a batch's KV cache is laid out for its rows from the prefill on).
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from typing import Callable
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from vlmkit.model.decoder import decode
 from vlmkit.serve.errors import ApiError
 from vlmkit.serve.requests import Sampling
 
@@ -200,15 +200,24 @@ class Batcher:
         self.running = len(rows)
         self.max_batch_run = max(self.max_batch_run, len(rows))
         self.batches += 1
-        stepper = _Stepper(rows, self)
+        stepper, sampler = _Stepper(rows, self), _Sampler(rows)
+        longest = max(r.job.max_tokens for r in rows)
         try:
             with torch.inference_mode():
-                engine.model.generate(
-                    **inputs,
-                    **engine._gen_kwargs(max(r.job.max_tokens for r in rows), 0.0, 1.0),  # greedy, as Engine
-                    logits_processor=LogitsProcessorList([_Sampler(rows)]),
-                    stopping_criteria=StoppingCriteriaList([stepper]),
-                )
+                decoder = engine._decoder_for(inputs, longest)
+                if decoder is None:
+                    engine.model.generate(
+                        **inputs,
+                        **engine._gen_kwargs(longest, 0.0, 1.0),  # greedy, as Engine
+                        logits_processor=LogitsProcessorList([sampler]),
+                        stopping_criteria=StoppingCriteriaList([stepper]),
+                    )
+                else:  # the engine's own decode loop, as Engine.generate runs it
+                    decode(
+                        decoder, engine.model, inputs, longest, set(), self.tokenizer.pad_token_id,
+                        choose=lambda logits: sampler(None, logits.clone()).argmax(-1),
+                        on_token=lambda tokens: bool(stepper(tokens[:, None], None).all()),
+                    )
             for row in rows:  # generate stops at the longest max_tokens, which the stepper has seen
                 if row.finish_reason is None:
                     stepper.finish(row, "length", stepper.decode(row))

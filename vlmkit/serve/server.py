@@ -41,7 +41,7 @@ def check_address(host: str, port: int) -> None:
         raise VlmkitError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
 
 
-def serve(model: str, settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(model: str, settings: Settings, host: str = "127.0.0.1", port: int = 8000, decode: str = "auto") -> None:
     """Serve `model` (anything `vlmkit generate --model` takes) until Ctrl-C."""
     import uvicorn
 
@@ -55,7 +55,7 @@ def serve(model: str, settings: Settings, host: str = "127.0.0.1", port: int = 8
     logger.setLevel(logging.INFO)
     logger.propagate = False
 
-    vlm = load(model)  # never with trust_remote_code: nothing in a request reaches the loading
+    vlm = load(model, decode=decode)  # never with trust_remote_code: nothing in a request reaches the loading
     if not settings.model_id:
         settings = Settings(**{**settings.__dict__, "model_id": model})
     app = create_app(vlm, settings)

@@ -188,6 +188,7 @@ def launch(
     share: bool = False,
     preferences: str | None = "preferences.jsonl",
     max_new_tokens: int = 256,
+    decode: str = "auto",
 ) -> None:
     """Load the model(s), build the page and serve it until interrupted."""
     if not model and not api_base:
@@ -197,11 +198,11 @@ def launch(
         backend = ApiBackend(api_base, api_key=api_key, model=model)
     else:
         print(f"loading {model}", file=sys.stderr)
-        backend = LocalBackend.load(model)
+        backend = LocalBackend.load(model, decode)
     backend_b = None
     if model_b:
         print(f"loading {model_b}", file=sys.stderr)
-        backend_b = LocalBackend.load(model_b)
+        backend_b = LocalBackend.load(model_b, decode)
     demo = build_app(backend, backend_b, prefs, max_new_tokens=max_new_tokens)
     try:
         demo.launch(

@@ -62,10 +62,10 @@ class LocalBackend:
         self.name = name or vlm.name or "model"
 
     @classmethod
-    def load(cls, model: str) -> "LocalBackend":
+    def load(cls, model: str, decode: str = "auto") -> "LocalBackend":
         from vlmkit.infer.load import load
 
-        return cls(load(model), name=model)
+        return cls(load(model, decode=decode), name=model)
 
     def stream(self, messages: list[dict], images: list, settings: Settings, stop: Event | None = None) -> Iterator[str]:
         import torch

@@ -1,0 +1,183 @@
+"""vlmkit's decode loop (vlmkit/model/decoder.py) against transformers' `generate`: the same greedy tokens
+in fp32 for composed and pretrained models, batched = one by one, streamed = not, with and without
+images, up to the context limit; lower precisions close to fp32; the engine's choice of path."""
+
+from __future__ import annotations
+
+from threading import Event
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tiny import make_varied_vlm
+from vlmkit.errors import VlmkitError
+from vlmkit.infer.engine import Engine, choose_decode, language_parts
+from vlmkit.infer.load import load
+from vlmkit.model.decoder import Decoder, KVCache, _Weight
+
+MAX_NEW = 24
+
+
+def picture(seed: int) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(32, 32, 3) * 255).astype("uint8"))
+
+
+def user(text: str, images: int = 0) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
+
+
+CONVERSATIONS = [user("what is in the picture?", 1), user("hello, tell me about cats and dogs and birds"), user("two?", 2), user("x")]
+MEDIA = [[picture(0)], [], [picture(1), picture(2)], []]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def varied(request, tmp_path_factory):
+    """A composed tiny VLM whose replies vary with prompt and image: Llama LM, or Qwen2 (q/k/v biases)."""
+    return load(str(make_varied_vlm(tmp_path_factory.mktemp("decode"), llm=request.param)))
+
+
+def engines(vlm, decode: str = "fp32") -> tuple[Engine, Engine]:
+    return (Engine(vlm.model, vlm.processor, family=vlm.family, decode="transformers"),
+            Engine(vlm.model, vlm.processor, family=vlm.family, decode=decode))
+
+
+def test_greedy_fp32_equals_transformers_batched_and_one_by_one(varied):
+    reference, ours = engines(varied)
+    expected = reference.generate(CONVERSATIONS, MEDIA, max_new_tokens=MAX_NEW, batch_size=1)
+    assert len(set(expected)) == len(expected)  # the replies differ: the comparison means something
+    assert ours.generate(CONVERSATIONS, MEDIA, max_new_tokens=MAX_NEW, batch_size=1) == expected
+    assert ours.generate(CONVERSATIONS, MEDIA, max_new_tokens=MAX_NEW, batch_size=4) == expected  # left padding
+    assert reference.generate(CONVERSATIONS, MEDIA, max_new_tokens=MAX_NEW, batch_size=4) == expected
+
+
+def test_tokens_equal_transformers_including_end_of_reply(varied):
+    """Token ids, not just text: the end-of-reply token and the padding after it as `generate` writes them."""
+    reference, ours = engines(varied)
+    inputs = ours._cast(ours.inputs(CONVERSATIONS, MEDIA))
+    eos = next(iter(ours.stop_ids()))
+    varied.model.generation_config.eos_token_id = int(reference._run(inputs, 3, 0.0, 1.0)[0, 1])  # row 0 ends at its 2nd token
+    try:
+        theirs = reference._run(inputs, MAX_NEW, 0.0, 1.0)
+        mine = ours._run(inputs, MAX_NEW, 0.0, 1.0)
+    finally:
+        varied.model.generation_config.eos_token_id = eos
+    assert torch.equal(mine, theirs)
+    assert int(mine[0, 2]) == varied.processor.tokenizer.pad_token_id
+
+
+def test_stream_equals_generate(varied):
+    _, ours = engines(varied)
+    for messages, media in zip(CONVERSATIONS[:2], MEDIA[:2]):
+        pieces = list(ours.stream(messages, media, max_new_tokens=MAX_NEW))
+        assert len(pieces) > 1
+        assert "".join(pieces).strip() == ours.generate([messages], [media], max_new_tokens=MAX_NEW)[0]
+
+
+def test_stop_event_ends_the_stream(varied):
+    _, ours = engines(varied)
+    stop = Event()
+    stop.set()  # pressed before the first token: the reply ends after it
+    text = "".join(ours.stream(CONVERSATIONS[1], [], max_new_tokens=200, stop=stop))
+    first = ours.generate([CONVERSATIONS[1]], [[]], max_new_tokens=1)[0]
+    assert text.strip() == first and len(ours.generate([CONVERSATIONS[1]], [[]], max_new_tokens=200)[0]) > len(first)
+
+
+def test_long_prompt_near_the_context_limit(varied):
+    reference, ours = engines(varied)
+    limit = varied.model.config.text_config.max_position_embeddings
+    tokenizer = varied.processor.tokenizer
+    text = "the quick brown fox jumps over the lazy dog " * 200
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    messages = user(tokenizer.decode(ids[: limit - MAX_NEW - 40]), 1)
+    n_prompt = ours.inputs([messages], [[picture(3)]])["input_ids"].shape[1]
+    assert limit - MAX_NEW - 20 <= n_prompt <= limit - MAX_NEW
+    assert ours.generate([messages], [[picture(3)]], max_new_tokens=MAX_NEW) == reference.generate(
+        [messages], [[picture(3)]], max_new_tokens=MAX_NEW
+    )
+
+
+def test_sampling_with_tiny_top_p_is_greedy_and_seeded_sampling_repeats(varied):
+    _, ours = engines(varied)
+    greedy = ours.generate(CONVERSATIONS, MEDIA, max_new_tokens=MAX_NEW)
+    assert ours.generate(CONVERSATIONS, MEDIA, max_new_tokens=MAX_NEW, temperature=1.0, top_p=1e-6) == greedy
+    torch.manual_seed(5)
+    first = ours.generate(CONVERSATIONS, MEDIA, max_new_tokens=MAX_NEW, temperature=1.5)
+    torch.manual_seed(5)
+    assert ours.generate(CONVERSATIONS, MEDIA, max_new_tokens=MAX_NEW, temperature=1.5) == first
+    assert first != greedy
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_lower_precisions_stay_close_to_fp32(varied, precision):
+    """The step's logits in bf16 / int8 weights against fp32, fed the same tokens (teacher forcing)."""
+    base, head, config = language_parts(varied.model)
+    exact, low = Decoder(base, head, config, "fp32"), Decoder(base, head, config, precision)
+    ids = varied.processor.tokenizer("the quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = varied.model.language_model(input_ids=ids[:, :1], use_cache=True)
+        caches = [KVCache.from_prefill(out.past_key_values, d, ids.shape[1]) for d in (exact, low)]
+        agree = 0
+        for t in range(1, ids.shape[1]):
+            a = exact.step(ids[:, t], torch.tensor([t]), caches[0], None)
+            b = low.step(ids[:, t], torch.tensor([t]), caches[1], None)
+            assert (a - b).norm() / a.norm() < 0.1  # a wrong step is off by ~100%
+            agree += int(a.argmax() == b.argmax())
+    assert agree >= (ids.shape[1] - 1) * 0.8
+    assert low.weight_bytes() < exact.weight_bytes() / (1.9 if precision == "bf16" else 3.5)
+
+
+def test_int8_weights_round_trip_within_half_a_step():
+    w = torch.randn(48, 32) * torch.linspace(0.01, 3, 48)[:, None]  # rows of very different scales
+    q = _Weight.of(w, None, "int8")
+    back = q.weight.float() * q.scale.float()[:, None]
+    assert q.weight.dtype == torch.int8
+    assert ((back - w).abs() <= q.scale.float()[:, None] * 0.5 + 1e-2 * w.abs()).all()
+    x = torch.randn(3, 32)
+    assert torch.allclose(q.apply(x.bfloat16()).float(), x @ w.T, rtol=0.05, atol=0.05 * float(w.abs().max()))
+
+
+def test_pretrained_families_equal_transformers_or_fall_back(folders):
+    """Llama-based pretrained families take the decoder with transformers' tokens; the others (3-D
+    rotary positions, Gemma) fall back to `generate` with the reason, and refuse an explicit precision."""
+    for family, folder in folders.items():
+        vlm = load(folder)
+        path, why = choose_decode(vlm.model, torch.device("cpu"))
+        if family in ("qwen2_vl", "qwen2_5_vl", "paligemma"):
+            assert path == "transformers" and why
+            with pytest.raises(VlmkitError, match="decode=transformers"):
+                Engine(vlm.model, vlm.processor, family=vlm.family, decode="fp32")
+            continue
+        assert path in ("fp32", "int8"), (family, why)
+        reference, ours = engines(vlm)
+        convs, media = [user("describe it", 1), user("and this one, in detail please", 1)], [[picture(4)], [picture(5)]]
+        want = reference._run(reference._cast(reference.inputs(convs, media)), 12, 0.0, 1.0)
+        got = ours._run(ours._cast(ours.inputs(convs, media)), 12, 0.0, 1.0)
+        assert torch.equal(got, want), family
+
+
+def test_choice_of_path(varied):
+    assert choose_decode(varied.model, torch.device("cuda"))[0] == "transformers"
+    assert choose_decode(varied.model, torch.device("cpu"), "transformers")[0] == "transformers"
+    assert choose_decode(varied.model, torch.device("cpu"), "bf16") == ("bf16", "asked for")
+    with pytest.raises(VlmkitError, match="choose one of"):
+        choose_decode(varied.model, torch.device("cpu"), "fp8")
+
+
+def test_gpt2_falls_back_to_transformers(parts, tmp_path):
+    from vlmkit.build import compose
+
+    model, _ = compose(vision=parts["clip"], llm=parts["gpt2"], image_tokens=4)
+    path, why = choose_decode(model, torch.device("cpu"))
+    assert path == "transformers" and "gpt2" in why
+
+
+def test_cli_choices_are_the_engines():
+    from vlmkit.cli import DECODE, build_parser
+    from vlmkit.infer.engine import DECODE_CHOICES
+
+    assert DECODE == DECODE_CHOICES
+    for command in (["generate", "--model", "m", "--prompt", "p"], ["chat", "--model", "m"], ["serve", "--model", "m"],
+                    ["eval", "--data", "d"], ["caption", "--model", "m", "x.png"], ["ui", "--model", "m"]):
+        assert build_parser().parse_args(command + ["--decode", "int8"]).decode == "int8"

@@ -1,0 +1,276 @@
+"""A lean decode loop for Llama-like language models: the per-token step without transformers' overhead.
+
+A VLM's reply is generated in two phases. The prefill (prompt and images) runs once through the model's
+own `forward`, so every family's image merging and positions are exactly transformers'. The decode
+steps that follow see one new text token per row; `Decoder` runs them on the language model's weights
+directly: a preallocated KV cache (the prefill's keys and values copied in once), rotary embeddings from
+the model's own rotary module, attention as two matmuls, and one Python call per weight matrix.
+
+Weights can be held in three precisions (`PRECISIONS`): `fp32` (the model's own tensors, no copy: greedy
+output token for token transformers'), `bf16` (a bf16 copy; activations in bf16) and `int8` (per-output-
+channel int8 weights with bf16 activations, `torch.ops.aten._weight_int8pack_mm`). A step is bound by
+reading the weights (a 135M-parameter LM reads 540 MB per token in fp32), so fewer bytes per weight is
+what makes it faster on a CPU; the measured speed and quality of each are in docs/decode.md.
+
+`unsupported(config)` says why a language model cannot take this path (another architecture, sliding
+windows, 3-D rotary positions); the engine then uses transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+PRECISIONS = ("fp32", "bf16", "int8")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def unsupported(config) -> str | None:
+    """Why the text config `config` cannot use `Decoder` (None when it can)."""
+    kind = getattr(config, "model_type", "")
+    if kind not in LLAMA_LIKE:
+        return f"{kind or 'this'} language model is not Llama-like ({', '.join(LLAMA_LIKE)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    if getattr(config, "use_sliding_window", False):
+        return "sliding-window attention on some layers"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and ("mrope_section" in rope or rope.get("rope_type") == "dynamic"):
+        return f"rotary type {rope.get('rope_type') or 'mrope'}"
+    return None
+
+
+def int8_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+@dataclass
+class _Weight:
+    """One weight matrix in the decode precision: `apply(x)` is x @ W.T (+ bias)."""
+
+    weight: torch.Tensor  # (out, in): fp32/bf16, or int8 with `scale`
+    bias: torch.Tensor | None = None
+    scale: torch.Tensor | None = None  # (out,) per-output-channel scale of int8 weights
+
+    @classmethod
+    def of(cls, linear_weight: torch.Tensor, bias: torch.Tensor | None, precision: str) -> "_Weight":
+        w = linear_weight.detach()
+        if precision == "fp32":
+            return cls(w, None if bias is None else bias.detach())
+        bias = None if bias is None else bias.detach().to(torch.bfloat16)
+        if precision == "bf16":
+            return cls(w.to(torch.bfloat16), bias)
+        w = w.float()
+        scale = w.abs().amax(dim=1).clamp_min(1e-8) / 127.0  # symmetric, per output channel
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        return cls(q, bias, scale.to(torch.bfloat16))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            return F.linear(x, self.weight, self.bias)
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), self.weight, self.scale)
+        y = y.reshape(*shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+@dataclass
+class _Layer:
+    norm1: torch.Tensor
+    q: _Weight
+    k: _Weight
+    v: _Weight
+    o: _Weight
+    norm2: torch.Tensor
+    gate: _Weight
+    up: _Weight
+    down: _Weight
+    q_norm: torch.Tensor | None  # Qwen3: RMSNorm over each head's query and key
+    k_norm: torch.Tensor | None
+
+
+class Decoder:
+    """Decode steps for a Llama-like `decoder` (the LM's base model: embeddings, layers, norm, rotary)
+    and its `lm_head` weight, in `precision` (one of `PRECISIONS`)."""
+
+    def __init__(self, decoder, lm_head: torch.nn.Module, config, precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if precision == "int8" and not int8_available():
+            raise ValueError("int8 decoding needs torch.ops.aten._weight_int8pack_mm (torch >= 2.3)")
+        self.precision = precision
+        self.dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        self.config = config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        # Mistral attends to the last `sliding_window` positions: the same as full attention until then
+        self.window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+        self.embed = decoder.embed_tokens.weight.detach()
+        self.rotary = decoder.rotary_emb
+        self.norm = decoder.norm.weight.detach().to(self.dtype)
+        self.head = _Weight.of(lm_head.weight, getattr(lm_head, "bias", None), precision)
+        self.layers = [self._layer(layer) for layer in decoder.layers]
+
+    def _layer(self, layer) -> _Layer:
+        attn, mlp, p = layer.self_attn, layer.mlp, self.precision
+
+        def w(linear):
+            return _Weight.of(linear.weight, linear.bias, p)
+
+        def norm(module):
+            return None if module is None else module.weight.detach().to(self.dtype)
+
+        return _Layer(
+            norm(layer.input_layernorm), w(attn.q_proj), w(attn.k_proj), w(attn.v_proj), w(attn.o_proj),
+            norm(layer.post_attention_layernorm), w(mlp.gate_proj), w(mlp.up_proj), w(mlp.down_proj),
+            norm(getattr(attn, "q_norm", None)), norm(getattr(attn, "k_norm", None)),
+        )
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights read per decode step (what bounds its speed on a CPU)."""
+        mats = [self.head] + [m for layer in self.layers for m in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)]
+        return sum(m.weight.numel() * m.weight.element_size() for m in mats)
+
+    # -- one step -----------------------------------------------------------------------------------
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """transformers' LlamaRMSNorm, in the same order of operations (so fp32 output is identical)."""
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * x.to(dtype)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """One query per row against the cache: (B, heads, 1, hd) -> (B, 1, heads*hd).
+
+        Two matmuls and a softmax, the query heads grouped by the key/value head they share. For a
+        single query this is cheaper on a CPU than `scaled_dot_product_attention`'s flash kernel
+        (measured: a third of a batch-8 step went there)."""
+        b, kv, groups = q.shape[0], self.kv_heads, self.heads // self.kv_heads
+        q = q.reshape(b, kv, groups, self.head_dim)  # heads h = kv * groups + g share key/value head kv
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.head_dim**-0.5  # (B, kv, groups, T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, T)
+        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values)  # (B, kv, groups, hd)
+        return out.reshape(b, 1, self.heads * self.head_dim)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: "KVCache", mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, V) for one new token per row. `tokens`, `positions`: (B,); the token's keys and
+        values are written at column `cache.length`; `mask` (B, 1, 1, length+1) bool or None (no padding)."""
+        x = F.embedding(tokens[:, None], self.embed).to(self.dtype)  # (B, 1, H)
+        cos, sin = self.rotary(x, positions[:, None])  # (B, 1, head_dim)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, head_dim)
+        b, t = tokens.shape[0], cache.length
+        for i, layer in enumerate(self.layers):
+            h = self._rms(x, layer.norm1)
+            q = layer.q.apply(h).view(b, 1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, 1, hd)
+            k = layer.k.apply(h).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = layer.v.apply(h).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            if layer.q_norm is not None:
+                q, k = self._rms(q, layer.q_norm), self._rms(k, layer.k_norm)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            keys, values = cache.write(i, k, v)  # (B, kv_heads, t+1, hd)
+            x = x + layer.o.apply(self._attend(q, keys, values, mask))
+            h = self._rms(x, layer.norm2)
+            x = x + layer.down.apply(F.silu(layer.gate.apply(h)) * layer.up.apply(h))
+        cache.length = t + 1
+        return self.head.apply(self._rms(x, self.norm))[:, 0].float()  # (B, V)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `capacity` positions; `length` are filled."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device):
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.length = 0
+
+    @classmethod
+    def from_prefill(cls, past, decoder: Decoder, capacity: int) -> "KVCache":
+        """Copy transformers' cache after the prefill (a `DynamicCache`) into a preallocated one."""
+        first = past.layers[0].keys  # (B, kv_heads, T, hd)
+        cache = cls(len(decoder.layers), first.shape[0], decoder.kv_heads, decoder.head_dim, capacity, decoder.dtype, first.device)
+        for i, layer in enumerate(past.layers):
+            n = layer.keys.shape[2]
+            cache.keys[i][:, :, :n] = layer.keys
+            cache.values[i][:, :, :n] = layer.values
+        cache.length = first.shape[2]
+        return cache
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.length
+        self.keys[layer][:, :, t : t + 1] = k
+        self.values[layer][:, :, t : t + 1] = v
+        return self.keys[layer][:, :, : t + 1], self.values[layer][:, :, : t + 1]
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row (B,): argmax when `temperature` is 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.inference_mode()
+def decode(
+    decoder: Decoder,
+    model: torch.nn.Module,
+    inputs: dict,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    pad_id: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    on_token: Callable[[torch.Tensor], bool] | None = None,
+    choose: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """New tokens (B, N <= max_new_tokens) after the left-padded prompts of `inputs` (the processor's
+    output: input_ids, attention_mask, pixel values...), as transformers' `generate` returns them: a row
+    that has ended is filled with `pad_id`; the loop ends when every row has.
+
+    The prompt runs once through `model`'s own forward (images merged as the model does it), with the
+    positions `generate` gives left-padded rows. `on_token(tokens (B,))` is called after each step;
+    returning True stops early. `choose(logits (B, V)) -> tokens (B,)` replaces `pick` (a server
+    sampling each row with its own settings)."""
+    attention_mask = inputs["attention_mask"]
+    positions = attention_mask.long().cumsum(-1) - 1  # as generate: left padding skipped
+    positions = positions.masked_fill(attention_mask == 0, 1)
+    prefill = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+    logits, past = prefill.logits[:, -1].float(), prefill.past_key_values
+    length = attention_mask.shape[1]
+    cache = KVCache.from_prefill(past, decoder, length + max_new_tokens)
+    padded = not bool(attention_mask.bool().all())
+    mask = torch.ones(attention_mask.shape[0], 1, 1, length + max_new_tokens, dtype=torch.bool, device=attention_mask.device)
+    mask[:, 0, 0, :length] = attention_mask.bool()  # the new tokens are never padding
+    next_pos = positions[:, -1] + 1
+    done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+    eos = torch.tensor(sorted(eos_ids), device=mask.device, dtype=torch.long)
+    out = []
+    for n in range(max_new_tokens):
+        tokens = choose(logits) if choose is not None else pick(logits, temperature, top_p)
+        tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens)
+        out.append(tokens)
+        done = done | torch.isin(tokens, eos)
+        if (on_token is not None and on_token(tokens)) or bool(done.all()) or n == max_new_tokens - 1:
+            break
+        logits = decoder.step(tokens, next_pos, cache, mask[..., : cache.length + 1] if padded else None)
+        next_pos = next_pos + 1
+    return torch.stack(out, dim=1)
