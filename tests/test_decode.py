@@ -181,3 +181,36 @@ def test_cli_choices_are_the_engines():
     for command in (["generate", "--model", "m", "--prompt", "p"], ["chat", "--model", "m"], ["serve", "--model", "m"],
                     ["eval", "--data", "d"], ["caption", "--model", "m", "x.png"], ["ui", "--model", "m"]):
         assert build_parser().parse_args(command + ["--decode", "int8"]).decode == "int8"
+
+
+def test_rows_joining_and_leaving_mid_decode_keep_every_rows_tokens(varied):
+    """Continuous batching's state: a group prefilled later joins rows already decoding (a different
+    prompt length, so one group is shifted), a row leaves; each row's greedy tokens stay its own."""
+    from vlmkit.model.decoder import Rows
+
+    _, ours = engines(varied)
+    decoder = ours.decoder()
+
+    def inputs(i, j):
+        return ours._cast(ours.inputs(CONVERSATIONS[i:j], MEDIA[i:j]))
+
+    def alone(i):
+        return ours._run(inputs(i, i + 1), 12, 0.0, 1.0)[0].tolist()
+
+    with torch.inference_mode():
+        rows, got = Rows.prefill(decoder, varied.model, inputs(0, 2), 12), {0: [], 1: [], 2: [], 3: []}
+        ids = [0, 1]
+        for n in range(12):
+            if n == 4:  # two more rows join after four steps
+                rows.join(Rows.prefill(decoder, varied.model, inputs(2, 4), 12), 12)
+                ids += [2, 3]
+            tokens = rows.logits.argmax(-1)
+            for i, t in zip(ids, tokens.tolist()):
+                got[i].append(t)
+            if n == 7:  # row 1 leaves
+                keep = [k for k, i in enumerate(ids) if i != 1]
+                rows.keep(keep)
+                ids, tokens = [ids[k] for k in keep], tokens[keep]
+            rows.step(tokens)
+    assert got[0] == alone(0)[:12] and got[1] == alone(1)[:8]
+    assert got[2] == alone(2)[:8] and got[3] == alone(3)[:8]

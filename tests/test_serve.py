@@ -632,10 +632,28 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, vlm):
     assert ask(server.client(), TURNS["image"]).choices[0].message.content == reference(vlm, TURNS["image"])
 
 
+def test_a_request_joins_a_batch_being_decoded(server, vlm):
+    """Continuous batching: a request sent while a long reply is being decoded joins that batch between
+    two steps (it does not wait for the long one to end), and both replies are their serial ones."""
+    joined = server.batcher.joined
+    long_turn, short_turn = TURNS["text"], TURNS["image"]
+    want_long = reference(vlm, long_turn, max_tokens=120)
+    stream = server.client().chat.completions.create(model="tiny", messages=api_messages(long_turn), max_tokens=120, stream=True)
+    pieces = []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if len(pieces) == 1:
+            short = ask(server.client(), short_turn)  # answered while the long reply is still streaming
+            assert short.choices[0].message.content == reference(vlm, short_turn)
+    assert "".join(pieces).strip() == want_long
+    assert server.batcher.joined > joined
+
+
 def test_a_full_queue_is_503_with_retry_after(vlm):
     s = Server(vlm, max_batch=1, max_queue=1)
-    gate, run = threading.Event(), s.batcher._run_batch
-    s.batcher._run_batch = lambda jobs: (gate.wait(30), run(jobs))
+    gate, run = threading.Event(), s.batcher._prefill  # the worker holds the first request at its prefill
+    s.batcher._prefill = lambda jobs: (gate.wait(30), run(jobs))[1]
     try:
         replies = []
         first = threading.Thread(target=lambda: replies.append(post(s, chat_body("first"))))
@@ -706,14 +724,15 @@ def test_vlmkit_serve_refuses_bad_flags(capfd, tmp_path):
     busy.close()
 
 
-@pytest.mark.parametrize("family", ["smolvlm", "qwen2_vl"])
-def test_a_pretrained_family_batches_to_its_serial_replies(family, tmp_path):
-    """A transformers VLM (SmolVLM: nested images and tiling; Qwen2-VL: 3-D positions), 6 clients at once."""
+@pytest.mark.parametrize("family, decode", [("smolvlm", "fp32"), ("qwen2_vl", "auto")])
+def test_a_pretrained_family_batches_to_its_serial_replies(family, decode, tmp_path):
+    """A transformers VLM (SmolVLM: nested images and tiling, continuous batching over vlmkit's decoder in
+    fp32, exact as `vlm` explains; Qwen2-VL: 3-D positions, dynamic batching over `generate`), 6 clients."""
     from tiny_vlms import make_vlm
 
     from vlmkit.infer.load import load
 
-    vlm = load(str(make_vlm(family, tmp_path / family)), device="cpu")
+    vlm = load(str(make_vlm(family, tmp_path / family)), device="cpu", decode=decode)
     turns = [[("user", [*[png(50 + i + k, (20 + 7 * i, 30)) for k in range(i % 3)], "What colour is it" + "?" * i])] for i in range(6)]
     want = [reference(vlm, t) for t in turns]
     s = Server(vlm)

@@ -189,31 +189,118 @@ class Decoder:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `capacity` positions; `length` are filled."""
+    """Keys and values of every layer, preallocated: `k`, `v` (layers, B, kv_heads, capacity, hd); the
+    first `length` columns are filled. All rows share the column index; a row's padding is masked."""
 
-    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device):
-        shape = (batch, kv_heads, capacity, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.length = 0
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int):
+        self.k, self.v, self.length = k, v, length
 
     @classmethod
     def from_prefill(cls, past, decoder: Decoder, capacity: int) -> "KVCache":
         """Copy transformers' cache after the prefill (a `DynamicCache`) into a preallocated one."""
         first = past.layers[0].keys  # (B, kv_heads, T, hd)
-        cache = cls(len(decoder.layers), first.shape[0], decoder.kv_heads, decoder.head_dim, capacity, decoder.dtype, first.device)
+        shape = (len(decoder.layers), first.shape[0], decoder.kv_heads, max(capacity, first.shape[2]), decoder.head_dim)
+        k = torch.empty(shape, dtype=decoder.dtype, device=first.device)
+        v = torch.empty_like(k)
         for i, layer in enumerate(past.layers):
-            n = layer.keys.shape[2]
-            cache.keys[i][:, :, :n] = layer.keys
-            cache.values[i][:, :, :n] = layer.values
-        cache.length = first.shape[2]
-        return cache
+            k[i, :, :, : first.shape[2]] = layer.keys
+            v[i, :, :, : first.shape[2]] = layer.values
+        return cls(k, v, first.shape[2])
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one step's (B, kv_heads, 1, hd) keys and values at column `length`; return the filled part."""
         t = self.length
-        self.keys[layer][:, :, t : t + 1] = k
-        self.values[layer][:, :, t : t + 1] = v
-        return self.keys[layer][:, :, : t + 1], self.values[layer][:, :, : t + 1]
+        self.k[layer, :, :, t : t + 1] = k
+        self.v[layer, :, :, t : t + 1] = v
+        return self.k[layer, :, :, : t + 1], self.v[layer, :, :, : t + 1]
+
+    def moved(self, start: int, offset: int, capacity: int) -> "KVCache":
+        """A copy whose columns [start, length) sit at [offset, ...), in `capacity` columns."""
+        n = self.length - start
+        shape = (*self.k.shape[:3], capacity, self.k.shape[4])
+        k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        k[:, :, :, offset : offset + n] = self.k[:, :, :, start : self.length]
+        v[:, :, :, offset : offset + n] = self.v[:, :, :, start : self.length]
+        return KVCache(k, v, offset + n)
+
+
+class Rows:
+    """The rows being decoded together: their cache, which cache columns each row attends to (`mask`,
+    (B, capacity) bool), the position of each row's next token and its last logits (B, V).
+
+    Rows join (after their own prefill) and leave between steps, which is what continuous batching
+    needs: `join` right-aligns two groups at the same column, `keep` drops the rows that ended and the
+    columns no row needs any more."""
+
+    def __init__(self, decoder: Decoder, cache: KVCache, mask: torch.Tensor, next_pos: torch.Tensor, logits: torch.Tensor):
+        self.decoder, self.cache, self.mask, self.next_pos, self.logits = decoder, cache, mask, next_pos, logits
+        self.padded = not bool(mask[:, : cache.length].all())
+
+    @classmethod
+    def prefill(cls, decoder: Decoder, model: torch.nn.Module, inputs: dict, room: int) -> "Rows":
+        """Run the left-padded prompts of `inputs` (the processor's output) through `model`'s own forward,
+        with the positions `generate` gives left-padded rows, and keep `room` columns for new tokens."""
+        attention_mask = inputs["attention_mask"]
+        positions = attention_mask.long().cumsum(-1) - 1  # as generate: left padding skipped
+        positions = positions.masked_fill(attention_mask == 0, 1)
+        out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+        length = attention_mask.shape[1]
+        cache = KVCache.from_prefill(out.past_key_values, decoder, length + room)
+        mask = torch.ones(attention_mask.shape[0], cache.capacity, dtype=torch.bool, device=attention_mask.device)
+        mask[:, :length] = attention_mask.bool()  # the new tokens are never padding
+        return cls(decoder, cache, mask, positions[:, -1] + 1, out.logits[:, -1].float())
+
+    def __len__(self) -> int:
+        return self.mask.shape[0]
+
+    def step(self, tokens: torch.Tensor) -> None:
+        """Feed each row's next token (B,); `logits` become those of the token after it."""
+        if self.cache.length == self.cache.capacity:
+            self._relayout(0, 0, self.cache.length + 64)
+        mask = self.mask[:, None, None, : self.cache.length + 1] if self.padded else None
+        self.logits = self.decoder.step(tokens, self.next_pos, self.cache, mask)
+        self.next_pos = self.next_pos + 1
+
+    def keep(self, index: list[int]) -> None:
+        """Keep only these rows (in this order), and drop the leading columns none of them attends to."""
+        at = torch.tensor(index, dtype=torch.long, device=self.mask.device)
+        cache = self.cache
+        self.cache = KVCache(cache.k.index_select(1, at), cache.v.index_select(1, at), cache.length)
+        self.mask, self.next_pos, self.logits = self.mask[at], self.next_pos[at], self.logits[at]
+        used = self.mask[:, : self.cache.length].any(0).nonzero()
+        start = int(used[0]) if len(used) else self.cache.length
+        if start > 0:
+            self._relayout(start, 0, self.cache.capacity - start)
+        self.padded = not bool(self.mask[:, : self.cache.length].all())
+
+    def join(self, other: "Rows", room: int) -> None:
+        """Add `other`'s rows after these, both groups ending at the same column, with `room` columns
+        left for new tokens."""
+        length = max(self.cache.length, other.cache.length)
+        capacity = max(length + room, self.cache.capacity + length - self.cache.length)
+        self._relayout(0, length - self.cache.length, capacity)
+        other._relayout(0, length - other.cache.length, capacity)
+        self.cache = KVCache(torch.cat([self.cache.k, other.cache.k], 1), torch.cat([self.cache.v, other.cache.v], 1), length)
+        self.mask = torch.cat([self.mask, other.mask])
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.padded = self.padded or other.padded or bool(self.mask[:, :length].logical_not().any())
+
+    def _relayout(self, start: int, offset: int, capacity: int) -> None:
+        """Move columns [start, length) to [offset, ...) in a cache of `capacity` columns; the mask too
+        (columns before `offset` masked, columns after `length` open for new tokens)."""
+        if start == 0 and offset == 0 and capacity == self.cache.capacity:
+            return
+        n = self.cache.length - start
+        self.cache = self.cache.moved(start, offset, capacity)
+        mask = torch.ones(len(self), capacity, dtype=torch.bool, device=self.mask.device)
+        mask[:, :offset] = False
+        mask[:, offset : offset + n] = self.mask[:, start : start + n]
+        self.mask = mask
 
 
 def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -250,27 +337,16 @@ def decode(
     positions `generate` gives left-padded rows. `on_token(tokens (B,))` is called after each step;
     returning True stops early. `choose(logits (B, V)) -> tokens (B,)` replaces `pick` (a server
     sampling each row with its own settings)."""
-    attention_mask = inputs["attention_mask"]
-    positions = attention_mask.long().cumsum(-1) - 1  # as generate: left padding skipped
-    positions = positions.masked_fill(attention_mask == 0, 1)
-    prefill = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
-    logits, past = prefill.logits[:, -1].float(), prefill.past_key_values
-    length = attention_mask.shape[1]
-    cache = KVCache.from_prefill(past, decoder, length + max_new_tokens)
-    padded = not bool(attention_mask.bool().all())
-    mask = torch.ones(attention_mask.shape[0], 1, 1, length + max_new_tokens, dtype=torch.bool, device=attention_mask.device)
-    mask[:, 0, 0, :length] = attention_mask.bool()  # the new tokens are never padding
-    next_pos = positions[:, -1] + 1
-    done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
-    eos = torch.tensor(sorted(eos_ids), device=mask.device, dtype=torch.long)
+    rows = Rows.prefill(decoder, model, inputs, max_new_tokens)
+    done = torch.zeros(len(rows), dtype=torch.bool, device=rows.mask.device)
+    eos = torch.tensor(sorted(eos_ids), device=rows.mask.device, dtype=torch.long)
     out = []
     for n in range(max_new_tokens):
-        tokens = choose(logits) if choose is not None else pick(logits, temperature, top_p)
+        tokens = choose(rows.logits) if choose is not None else pick(rows.logits, temperature, top_p)
         tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens)
         out.append(tokens)
         done = done | torch.isin(tokens, eos)
         if (on_token is not None and on_token(tokens)) or bool(done.all()) or n == max_new_tokens - 1:
             break
-        logits = decoder.step(tokens, next_pos, cache, mask[..., : cache.length + 1] if padded else None)
-        next_pos = next_pos + 1
+        rows.step(tokens)
     return torch.stack(out, dim=1)

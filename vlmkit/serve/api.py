@@ -129,6 +129,7 @@ def create_app(vlm, settings: Settings) -> FastAPI:
     async def health():
         return {"status": "ok", "model": model_id, "active": batcher.active, "queued": batcher.queued,
                 "running": batcher.running, "max_batch_run": batcher.max_batch_run, "batches": batcher.batches,
+                "joined": batcher.joined,
                 "cancelled": batcher.cancelled}
 
     return app

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from vlmkit.model.decoder import decode
+from vlmkit.model.decoder import Rows, decode
 from vlmkit.serve.errors import ApiError
 from vlmkit.serve.requests import Sampling
 
@@ -98,6 +98,7 @@ class Batcher:
         self.max_batch_run = 0  # the largest batch decoded so far, in rows
         self.batches = 0
         self.cancelled = 0  # requests whose client went away before the end
+        self.joined = 0  # rows that joined a batch already being decoded (continuous batching)
 
     # -- the queue ------------------------------------------------------------------------------
     @property
@@ -154,31 +155,98 @@ class Batcher:
 
     # -- the worker -----------------------------------------------------------------------------
     def _work(self) -> None:
+        decoder = self.engine.decoder()
+        if decoder is not None and not decoder.window:
+            return self._work_continuously()
         while True:
             jobs = self._next_batch()
             if not jobs:
                 return
             self._run_batch(jobs)
 
-    def _next_batch(self) -> list[Job]:
-        """The waiting jobs that fit in one batch, FIFO; waits up to `wait_s` for more when under `max_batch`."""
+    def _next_batch(self, room: int | None = None) -> list[Job]:
+        """The waiting jobs that fit in `room` rows (default `max_batch`), FIFO. With nothing running
+        (`room` None) it waits for a first job, then up to `wait_s` for more; else it takes what waits."""
         with self._cond:
-            while not self._waiting and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return []
-            deadline = time.monotonic() + self.wait_s
-            while sum(j.sampling.n for j in self._waiting) < self.max_batch and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
+            if room is None:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return []
+                deadline = time.monotonic() + self.wait_s
+                while sum(j.sampling.n for j in self._waiting) < self.max_batch and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            room = self.max_batch if room is None else room
             batch, rows = [], 0
-            while self._waiting and (not batch or rows + self._waiting[0].sampling.n <= self.max_batch):
+            while self._waiting and (rows + self._waiting[0].sampling.n <= room or (not batch and room == self.max_batch)):
                 job = self._waiting.popleft()
                 batch.append(job)
                 rows += job.sampling.n
             return batch
+
+    def _work_continuously(self) -> None:
+        """Continuous batching over the engine's decode loop: between two decode steps, waiting requests
+        are prefilled and join the rows being decoded, and rows that ended (or whose client left) leave."""
+        rows: list[Choice] = []
+        state = None  # vlmkit.model.decoder.Rows of `rows`
+        while True:
+            jobs = self._next_batch(self.max_batch - len(rows) if rows else None)
+            if not rows and not jobs:
+                return  # closed
+            for new_rows, group in self._prefill(jobs) if jobs else []:
+                if rows:
+                    state.join(group, max(r.job.max_tokens for r in new_rows))
+                    self.joined += len(new_rows)
+                else:
+                    state = group
+                rows = rows + new_rows
+            if not rows:
+                continue
+            self.running = len(rows)
+            self.max_batch_run = max(self.max_batch_run, len(rows))
+            try:
+                with torch.inference_mode():
+                    tokens = _Sampler(rows)(None, state.logits.clone()).argmax(-1)
+                    _Stepper(rows, self)(tokens[:, None], None)
+                    alive = [i for i, r in enumerate(rows) if r.finish_reason is None]
+                    if len(alive) < len(rows):
+                        rows = [rows[i] for i in alive]
+                        if rows:
+                            state.keep(alive)
+                            tokens = tokens[alive]
+                    if rows:
+                        state.step(tokens)
+            except Exception as e:
+                log.error("decoding %d rows failed: %s", len(rows), traceback.format_exc())
+                for job in {id(r.job): r.job for r in rows}.values():
+                    if not job.finished:
+                        self._fail(job, ApiError(500, f"generation failed ({type(e).__name__}); see the server log", kind="server_error"))
+                rows, state = [], None
+            self.running = len(rows)
+
+    def _prefill(self, jobs: list[Job]) -> list[tuple[list[Choice], object]]:
+        """Run the prompts of `jobs` through the model together: [(their rows, their decode state)]. A batch
+        that cannot be prepared is retried job by job, so one bad request fails alone."""
+        rows = []
+        for job in jobs:
+            job.choices = [Choice(job, i) for i in range(job.sampling.n)]
+            rows.extend(job.choices)
+        engine = self.engine
+        try:
+            inputs = engine._cast(engine.inputs([r.job.messages for r in rows], [r.job.images for r in rows]))
+            with torch.inference_mode():
+                group = Rows.prefill(engine.decoder(), engine.model, inputs, max(r.job.max_tokens for r in rows))
+        except Exception as e:
+            if len(jobs) > 1:
+                return [p for job in jobs for p in self._prefill([job])]
+            log.error("%s: preparing the request failed: %s", jobs[0].id, traceback.format_exc())
+            self._fail(jobs[0], ApiError(500, f"the server could not prepare this request ({type(e).__name__})", kind="server_error"))
+            return []
+        self.batches += 1
+        return [(rows, group)]
 
     def _run_batch(self, jobs: list[Job]) -> None:
         rows = []
