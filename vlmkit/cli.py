@@ -54,6 +54,13 @@ def cmd_train(args) -> None:
     if args.resume and args.output and os.path.isfile(os.path.join(args.output, "config.yaml")) and not args.config:
         args.config = os.path.join(args.output, "config.yaml")  # resume with the run's own config
     cfg = load_config(args.config, args.overrides, **fixed)
+    if cfg.objective == "contrastive":
+        if args.dry_run:
+            raise VlmkitError("--dry-run plans VLM training; it does not apply to objective=contrastive")
+        from vlmkit.train.contrastive import train_contrastive
+
+        print(json.dumps(train_contrastive(cfg, resume=args.resume), indent=2))
+        return
     if args.dry_run:
         from vlmkit.train.plan import plan_run
 

@@ -21,11 +21,14 @@ STAGES = ("align", "sft")
 PROJECTOR_INITS = ("auto", "random", "text")
 PRECISIONS = ("auto", "fp32", "bf16")
 METHODS = ("auto", "full", "lora", "qlora", "dpo")
+OBJECTIVES = ("lm", "contrastive")
+CONTRASTIVE_LOSSES = ("clip", "siglip")
 
 
 @dataclass
 class TrainConfig:
     # what to train
+    objective: str = "lm"  # lm: a VLM that writes text; contrastive: a dual encoder for retrieval (docs/retrieval.md)
     model: str | None = None  # fine-tune this model (a vlmkit run, or a pretrained VLM's folder / hub id)
     vision: str = "efficientnet-lite0"  # built-in name, local folder, hub id or timm:NAME
     llm: str = "smollm2-135m"  # built-in name, local folder, hub id or .gguf file
@@ -48,6 +51,13 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_targets: str = "auto"  # attention | all | comma-separated layer names (q_proj,v_proj); auto: attention with LoRA
     lora_dropout: float = 0.0
+    # objective=contrastive (docs/retrieval.md)
+    text: str = "all-minilm-l6-v2"  # text encoder: built-in name, local folder or hub id (BERT-like, or a causal LM)
+    loss: str = "clip"  # clip (InfoNCE, learnable temperature) | siglip (sigmoid, learnable temperature and bias)
+    embed_dim: int = 256  # the shared embedding size both projection heads map to
+    logit_bias: float | None = None  # siglip's starting bias; None: log((1/B) / (1 - 1/B)) for batch size B
+    train_text: bool = False  # tune the text encoder in full (with lora_r > 0: LoRA on its attention instead)
+    probe_size: int = 256  # held-out images whose recall@K is logged during training
     # data
     data: str | None = None
     eval_data: str | None = None
@@ -76,6 +86,10 @@ class TrainConfig:
     save_every: int = 50  # steps between resumable checkpoints; 0 = never
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise VlmkitError(f"config field `objective`: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.loss not in CONTRASTIVE_LOSSES:
+            raise VlmkitError(f"config field `loss`: {self.loss!r} is not one of {', '.join(CONTRASTIVE_LOSSES)}")
         if self.stage not in STAGES:
             raise VlmkitError(f"config field `stage`: {self.stage!r} is not one of {', '.join(STAGES)}")
         if self.method not in METHODS:
@@ -86,7 +100,7 @@ class TrainConfig:
             self.lora_r = 16
         if self.precision not in PRECISIONS:
             raise VlmkitError(f"config field `precision`: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        for name in ("batch_size", "grad_accum", "max_length", "image_tokens"):
+        for name in ("batch_size", "grad_accum", "max_length", "image_tokens", "embed_dim"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise VlmkitError(f"config field `{name}` must be >= 1 (got {getattr(self, name)})")
         if self.projector_init not in PROJECTOR_INITS:

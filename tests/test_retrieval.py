@@ -1,0 +1,192 @@
+"""Contrastive training and retrieval: the losses against transformers' and brute-force references, recall@K
+and ranks against a brute-force count, chunking, the dual encoder's save/load, training (probe, warning,
+resume), caption data errors."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from vlmkit.errors import VlmkitError
+from vlmkit.model.contrastive import clip_loss, positive_pairs, siglip_bias_init, siglip_loss
+from vlmkit.retrieval.metrics import ranks, retrieval_scores, summarize, zeroshot_accuracy
+from vlmkit.train.probe import RecallWatch
+
+
+def make_bert(folder, hidden: int = 32, seed: int = 0):
+    """A tiny random BERT text encoder with a WordPiece tokenizer over the test captions' words."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = ("a the of on in and left right middle red green blue yellow purple circle square triangle photo "
+             "digit handwritten zero one two three four five six seven eight nine shape image").split()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + words) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=hidden * 2, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return make_bert(tmp_path_factory.mktemp("bert") / "bert")
+
+
+def unit(n, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
+
+
+# -- the losses -----------------------------------------------------------------------------------------
+def test_clip_loss_equals_transformers():
+    from transformers.models.clip.modeling_clip import image_text_contrastive_loss
+
+    image, text, scale = unit(6, seed=1), unit(6, seed=2), 1 / 0.07
+    reference = image_text_contrastive_loss(text @ image.T * scale)  # CLIPModel's loss on logits_per_text
+    assert torch.allclose(clip_loss(image, text, scale), reference, atol=1e-6)
+    diagonal = torch.eye(6, dtype=torch.bool)  # soft targets over the diagonal alone are the same loss
+    assert torch.allclose(clip_loss(image, text, scale, diagonal), reference, atol=1e-6)
+
+
+def test_siglip_loss_equals_siglip_model():
+    """SiglipModel(return_loss=True) on the same embeddings, scale and bias: its towers replaced by stubs
+    that return our embeddings as their pooled output."""
+    from types import SimpleNamespace
+
+    from transformers import SiglipConfig, SiglipModel
+
+    image, text = unit(5, seed=3), unit(5, seed=4)
+    config = SiglipConfig(text_config={"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                       "intermediate_size": 16, "vocab_size": 10},
+                          vision_config={"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                         "intermediate_size": 16, "image_size": 8, "patch_size": 4})
+    model = SiglipModel(config)
+
+    class Stub(torch.nn.Module):
+        def __init__(self, emb):
+            super().__init__()
+            self.emb = emb
+
+        def forward(self, **kwargs):
+            return SimpleNamespace(pooler_output=self.emb)
+
+    model.vision_model, model.text_model = Stub(image), Stub(text)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(7.0))
+        model.logit_bias.fill_(-2.5)
+    reference = model(input_ids=torch.zeros(5, 3, dtype=torch.long), pixel_values=torch.zeros(5, 3, 8, 8), return_loss=True).loss
+    assert torch.allclose(siglip_loss(image, text, 7.0, -2.5), reference, atol=1e-5)
+
+
+def brute_clip(image, text, scale, pos):
+    """Soft-target InfoNCE, written out cell by cell."""
+    n = len(image)
+    total = 0.0
+    for rows, cols, p in ((text, image, pos), (image, text, pos.T)):
+        for i in range(n):
+            logits = [scale * float(rows[i] @ cols[j]) for j in range(n)]
+            log_z = math.log(sum(math.exp(v) for v in logits))
+            positives = [j for j in range(n) if p[i, j]]
+            total += -sum(logits[j] - log_z for j in positives) / len(positives) / n / 2
+    return total
+
+
+def brute_siglip(image, text, scale, bias, pos):
+    n = len(image)
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = scale * float(text[i] @ image[j]) + bias
+            label = 1 if pos[i, j] else -1
+            total += math.log(1 + math.exp(-label * z))
+    return total / n
+
+
+def test_duplicate_images_and_captions_are_positives():
+    images = ["a.png", "a.png", "b.png", "c.png", "d.png"]  # two captions of a.png
+    captions = ["a red circle", "one red round shape", "a blue square", "a blue square", "a green triangle"]
+    pos = positive_pairs(images, captions)
+    expected = torch.eye(5, dtype=torch.bool)
+    expected[0, 1] = expected[1, 0] = expected[2, 3] = expected[3, 2] = True  # same image; same caption
+    assert torch.equal(pos, expected)
+    image, text, scale = unit(5, seed=5), unit(5, seed=6), 12.0
+    assert clip_loss(image, text, scale, pos).item() == pytest.approx(brute_clip(image, text, scale, pos), rel=1e-5)
+    assert siglip_loss(image, text, scale, -1.5, pos).item() == pytest.approx(brute_siglip(image, text, scale, -1.5, pos), rel=1e-5)
+    # and it matters: the duplicates counted as negatives give another loss
+    assert abs(clip_loss(image, text, scale, pos) - clip_loss(image, text, scale)) > 1e-3
+
+
+def test_siglip_bias_starts_at_the_batch_base_rate():
+    assert siglip_bias_init(64) == pytest.approx(-math.log(63))
+    assert torch.sigmoid(torch.tensor(siglip_bias_init(64))).item() == pytest.approx(1 / 64)
+    assert siglip_bias_init(32768) == pytest.approx(-10.4, abs=0.01)  # SigLIP's -10 belongs to its 32k batches
+
+
+# -- recall@K and ranks ---------------------------------------------------------------------------------
+def brute_ranks(image, text, text_image, text_group):
+    """Sort every list in full; an item's rank is where its first relevant partner lands."""
+    groups_of = {i: {text_group[t] for t in range(len(text)) if text_image[t] == i} for i in range(len(image))}
+    t2i, i2t = [], []
+    for t in range(len(text)):
+        order = sorted(range(len(image)), key=lambda i: -float(text[t] @ image[i]))
+        t2i.append(1 + next(k for k, i in enumerate(order) if text_group[t] in groups_of[i]))
+    for i in range(len(image)):
+        order = sorted(range(len(text)), key=lambda t: -float(image[i] @ text[t]))
+        i2t.append(1 + next(k for k, t in enumerate(order) if text_group[t] in groups_of[i]))
+    return t2i, i2t
+
+
+def test_ranks_equal_brute_force_with_several_captions_per_image():
+    image, text = unit(7, seed=7), unit(15, seed=8)
+    text_image = [0, 0, 0, 1, 1, 2, 3, 3, 4, 4, 4, 5, 5, 6, 6]  # up to three captions an image
+    t2i, i2t = ranks(image, text, text_image)
+    bt2i, bi2t = brute_ranks(image, text, text_image, list(range(15)))
+    assert t2i.tolist() == bt2i and i2t.tolist() == bi2t
+    # shared captions: texts 3 and 8 say the same thing, so image 4 answers text 3 too
+    groups = list(range(15))
+    groups[8] = groups[3]
+    t2i, i2t = ranks(image, text, text_image, groups)
+    assert (t2i.tolist(), i2t.tolist()) == brute_ranks(image, text, text_image, groups)
+
+
+def test_hand_made_case_counts_like_clip_benchmark():
+    """Image 0 has captions 0 and 1; caption 1 is far from everything, caption 0 sits on image 0."""
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [-0.6, 0.8], [0.0, 1.0]])
+    scores = retrieval_scores(image, text, [0, 0, 1], ks=(1,))
+    assert scores["image_to_text"]["R@1"] == 1.0  # any caption of the image on top is a hit
+    assert scores["text_to_image"]["R@1"] == pytest.approx(2 / 3)  # caption 1's own image comes second
+    assert scores["text_to_image"]["mean_rank"] == pytest.approx(4 / 3)
+    assert summarize(torch.tensor([1, 2, 3, 10]))["median_rank"] == 2.5
+
+
+def test_chunked_equals_unchunked():
+    image, text = unit(40, seed=9), unit(90, seed=10)
+    text_image = [t % 40 for t in range(90)]
+    groups = [t % 33 for t in range(90)]
+    whole = retrieval_scores(image, text, text_image, groups, chunk=10_000)
+    assert retrieval_scores(image, text, text_image, groups, chunk=7) == whole
+    assert retrieval_scores(image, text, text_image, groups, chunk=1) == whole
+
+
+def test_zeroshot_accuracy():
+    classes = unit(3, seed=11)
+    images = torch.stack([classes[0], classes[2], classes[1], classes[0]])
+    result = zeroshot_accuracy(images, classes, [0, 2, 1, 1])
+    assert result["accuracy"] == 0.75 and result["per_class"][1] == 0.5
+
+
+def test_recall_watch_warns_when_recall_falls_while_loss_falls():
+    watch = RecallWatch()
+    assert watch.check(0.5, 2.0) is None
+    assert watch.check(0.6, 1.5) is None
+    assert watch.check(0.58, 1.4) is None  # within the noise
+    assert "falling" in watch.check(0.40, 1.2)
+    assert watch.check(0.39, 1.1) is None  # once per episode
+    other = RecallWatch()
+    other.check(0.6, 1.5)
+    assert other.check(0.4, 1.8) is None  # the loss rose too: not the silent failure
