@@ -190,3 +190,95 @@ def test_recall_watch_warns_when_recall_falls_while_loss_falls():
     other = RecallWatch()
     other.check(0.6, 1.5)
     assert other.check(0.4, 1.8) is None  # the loss rose too: not the silent failure
+
+
+# -- training, saving, resume -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory):
+    """Shapes scenes with captions only: (train.jsonl with 48 images, test.jsonl with 12)."""
+    from vlmkit.data.shapes import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("captions")
+    train = make_shapes_dataset(root, "train", 48, seed=0, questions_per_image=0, captions=True)
+    test = make_shapes_dataset(root, "test", 12, seed=1, questions_per_image=0, captions=True)
+    return str(train), str(test)
+
+
+def train_args(parts, bert, captions, out, *extra):
+    return ["train", "--data", captions[0], "--eval-data", captions[1], "--output", str(out), "objective=contrastive",
+            f"vision={parts['clip']}", f"text={bert}", "batch_size=8", "embed_dim=16", "max_steps=6", "eval_every=2",
+            "save_every=0", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(parts, bert, captions, tmp_path_factory):
+    from vlmkit.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "clip"
+    assert main(train_args(parts, bert, captions, out)) == 0
+    return out
+
+
+def test_training_logs_the_probe_and_saves_a_loadable_model(trained, captions):
+    from vlmkit.model.dual_encoder import load_dual_encoder
+    from vlmkit.retrieval.encode import embed_texts
+
+    history = [json.loads(line) for line in (trained / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 6
+    probes = [r for r in history if "probe_t2i_R@5" in r]
+    assert [r["step"] for r in probes] == [2, 4, 6]
+    for r in probes:
+        assert 0 <= r["probe_i2t_R@1"] <= r["probe_i2t_R@5"] <= 1 and r["image_embedding_variance"] > 0
+    assert history[-1]["logit_scale"] == pytest.approx(1 / 0.07, rel=0.1)
+    summary = json.loads((trained / "train_summary.json").read_text())
+    assert summary["objective"] == "contrastive" and summary["recipe"] == {}
+    # the saved folder loads on its own and embeds as the trained heads do
+    model, processor = load_dual_encoder(trained)
+    emb = embed_texts(model, processor, ["a red circle.", "a blue square."])
+    assert emb.shape == (2, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+    again, processor2 = load_dual_encoder(trained / "model")
+    assert torch.allclose(embed_texts(again, processor2, ["a red circle."]), emb[:1], atol=1e-5)  # (padding differs)
+
+
+def test_heads_learn_only_what_is_asked(parts, bert, captions, tmp_path):
+    """Frozen towers keep their weights; SigLIP's bias starts from the batch size and trains."""
+    from safetensors.torch import load_file
+
+    from vlmkit.model.dual_encoder import create_dual_encoder
+    from vlmkit.train.contrastive import train_contrastive
+    from vlmkit.config import load_config
+
+    cfg = load_config(None, [f"vision={parts['clip']}", f"text={bert}", "objective=contrastive", "loss=siglip",
+                             "batch_size=8", "embed_dim=16", "max_steps=4", "save_every=0"],
+                      data=captions[0], output=str(tmp_path / "s"))
+    summary = train_contrastive(cfg)
+    assert summary["recipe"]["logit_bias"]["value"] == pytest.approx(-math.log(7), abs=1e-3)
+    trained = load_file(str(tmp_path / "s" / "model" / "model.safetensors"))
+    fresh, _ = create_dual_encoder(parts["clip"], bert, 16, "siglip")
+    for name, value in fresh.state_dict().items():
+        if name.startswith(("vision_tower.", "text_encoder.")):
+            assert torch.equal(trained[name], value), name
+    assert trained["logit_bias"].item() != pytest.approx(-math.log(7), abs=1e-6)
+    assert json.loads((tmp_path / "s" / "model" / "dual_encoder.json").read_text())["loss"] == "siglip"
+
+
+def test_resume_is_exact(parts, bert, captions, trained, tmp_path):
+    from vlmkit.cli import main
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "resumed"
+    args = train_args(parts, bert, captions, out, "train_text=true")
+    from vlmkit.config import load_config
+    from vlmkit.train.contrastive import train_contrastive
+
+    cfg = load_config(None, args[7:], data=captions[0], eval_data=captions[1], output=str(out))
+    assert train_contrastive(cfg, stop_after=3) == {"stopped_at": 3}
+    assert main(args + ["--resume"]) == 0
+    whole = tmp_path / "whole"
+    assert main(train_args(parts, bert, captions, whole, "train_text=true")) == 0
+    a, b = load_file(str(out / "model" / "model.safetensors")), load_file(str(whole / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first = load_file(str(trained / "model" / "model.safetensors"))  # the text encoder did train this time
+    assert not torch.equal(a["text_encoder.model.encoder.layer.0.attention.self.query.weight"],
+                           first["text_encoder.model.encoder.layer.0.attention.self.query.weight"])

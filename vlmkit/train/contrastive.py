@@ -260,9 +260,9 @@ class Run:
             step += 1
             window.append(loss.item())
             record = {"step": step, "loss": window[-1], "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "logit_scale": float(model.scale())}
+                      "logit_scale": model.scale().item()}
             if cfg.loss == "siglip":
-                record["logit_bias"] = float(model.logit_bias)
+                record["logit_bias"] = model.logit_bias.item()
             if self.probe and (step % every == 0 or step == total):
                 record.update(self.score_probe())
                 recall = (record["probe_t2i_R@5"] + record["probe_i2t_R@5"]) / 2
