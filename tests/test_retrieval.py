@@ -263,14 +263,14 @@ def test_heads_learn_only_what_is_asked(parts, bert, captions, tmp_path):
 
 
 def test_resume_is_exact(parts, bert, captions, trained, tmp_path):
-    from vlmkit.cli import main
-
     from safetensors.torch import load_file
+
+    from vlmkit.cli import main
+    from vlmkit.config import load_config
+    from vlmkit.train.contrastive import train_contrastive
 
     out = tmp_path / "resumed"
     args = train_args(parts, bert, captions, out, "train_text=true")
-    from vlmkit.config import load_config
-    from vlmkit.train.contrastive import train_contrastive
 
     cfg = load_config(None, args[7:], data=captions[0], eval_data=captions[1], output=str(out))
     assert train_contrastive(cfg, stop_after=3) == {"stopped_at": 3}
@@ -282,3 +282,138 @@ def test_resume_is_exact(parts, bert, captions, trained, tmp_path):
     first = load_file(str(trained / "model" / "model.safetensors"))  # the text encoder did train this time
     assert not torch.equal(a["text_encoder.model.encoder.layer.0.attention.self.query.weight"],
                            first["text_encoder.model.encoder.layer.0.attention.self.query.weight"])
+
+
+# -- index, search, eval ----------------------------------------------------------------------------------
+def test_index_search_round_trip_with_a_bad_image(trained, captions, tmp_path, capsys):
+    import shutil
+
+    from vlmkit.cli import main
+    from vlmkit.retrieval import Index, build_index, search
+
+    images = tmp_path / "imgs"
+    shutil.copytree(f"{captions[1].rsplit('/', 1)[0]}/images", images)
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    idx = tmp_path / "idx"
+    assert main(["index", "--model", str(trained), "--images", str(images), "--output", str(idx)]) == 0
+    meta = json.loads((idx / "index.json").read_text())
+    n_good = len(list(images.glob("*.png"))) - 1
+    assert meta["count"] == n_good and meta["skipped"] == 1
+    skipped = [json.loads(line) for line in (idx / "skipped.jsonl").read_text().splitlines()]
+    assert skipped[0]["path"].endswith("broken.png") and "not an image" in skipped[0]["error"]
+    index = Index(idx)
+    assert index.embeddings.shape == (n_good, 16) and len(index.paths) == n_good
+    # searching by an indexed image finds itself first, with a cosine of 1
+    query = index.paths[3]
+    hits = search(idx, image=query, k=3)
+    assert hits[0]["path"] == query and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    # a text query ranks by the same cosine the library computes
+    capsys.readouterr()
+    assert main(["search", "--index", str(idx), "--text", "a red circle.", "-k", "4", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == search(idx, text="a red circle.", k=4) and len(printed) == 4
+    with pytest.raises(VlmkitError, match="complete index"):
+        build_index(str(trained), str(idx), images=str(images))
+
+
+def test_index_resume_is_exact(trained, captions, tmp_path, monkeypatch):
+    from vlmkit.retrieval import index as index_module
+
+    monkeypatch.setattr(index_module, "BLOCK", 5)
+    images = f"{captions[0].rsplit('/', 1)[0]}/images"
+    stopped = index_module.build_index(str(trained), str(tmp_path / "a"), images=images, stop_after_blocks=2)
+    assert stopped == {"stopped_at_block": 2}
+    with pytest.raises(VlmkitError, match="run `vlmkit index` again"):
+        index_module.Index(tmp_path / "a")
+    resumed = index_module.build_index(str(trained), str(tmp_path / "a"), images=images)
+    assert resumed["resumed_blocks"] == 2
+    whole = index_module.build_index(str(trained), str(tmp_path / "b"), images=images)
+    a, b = index_module.Index(tmp_path / "a"), index_module.Index(tmp_path / "b")
+    assert a.paths == b.paths and torch.equal(a.embeddings, b.embeddings) and whole["count"] == resumed["count"]
+
+
+def test_eval_retrieval_and_zeroshot(trained, captions, tmp_path):
+    from vlmkit.cli import main
+    from vlmkit.model.dual_encoder import load_dual_encoder
+    from vlmkit.retrieval.encode import embed_images, embed_texts
+    from vlmkit.data.captions import read_pairs
+
+    report = tmp_path / "r.json"
+    assert main(["eval", "--task", "retrieval", "--model", str(trained), "--data", captions[1], "--output", str(report)]) == 0
+    got = json.loads(report.read_text())
+    # the same numbers from the embeddings directly
+    pairs = read_pairs(captions[1])
+    model, processor = load_dual_encoder(trained)
+    images = list(dict.fromkeys(p.image for p in pairs))
+    expected = retrieval_scores(embed_images(model, processor, images)[0], embed_texts(model, processor, [p.caption for p in pairs]),
+                                [images.index(p.image) for p in pairs])
+    assert got["text_to_image"] == pytest.approx(expected["text_to_image"]) and got["n_images"] == 12
+    assert set(got["image_to_text"]) == {"R@1", "R@5", "R@10", "mean_rank", "median_rank"}
+    matched = json.loads((tmp_path / "m.json").read_text()) if main(
+        ["eval", "--task", "retrieval", "--model", str(trained), "--data", captions[1], "--output", str(tmp_path / "m.json"),
+         "--match-captions"]) == 0 else None
+    assert matched["text_to_image"]["R@5"] >= got["text_to_image"]["R@5"]
+    classes = tmp_path / "classes.txt"
+    classes.write_text("circle\nsquare\ntriangle\n")
+    # a scene's caption names one or two shapes; keep the one-shape scenes
+    rows = [line for line in open(captions[1]) if " and " not in line]
+    single = tmp_path / "single.jsonl"
+    single.write_text("".join(rows).replace('"images/', f'"{captions[1].rsplit("/", 1)[0]}/images/'))
+    out = tmp_path / "z.json"
+    assert main(["eval", "--task", "zeroshot", "--model", str(trained), "--data", str(single), "--classes", str(classes),
+                 "--output", str(out)]) == 0
+    z = json.loads(out.read_text())
+    assert z["n"] == len(rows) and 0 <= z["accuracy"] <= 1 and set(z["per_class"]) <= {"circle", "square", "triangle"}
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bad_caption_rows_are_named(tmp_path, captions):
+    from vlmkit.data.captions import read_pairs
+
+    image = f"{captions[1].rsplit('/', 1)[0]}/images/test_00000.png"
+    data = write_rows(tmp_path / "d.jsonl", [
+        {"image": image, "caption": "a red circle."},
+        {"image": image, "caption": "   "},
+        {"image": str(tmp_path / "missing.png"), "caption": "a blue square."},
+        {"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": ""}], "images": [image]},
+    ])
+    with pytest.raises(VlmkitError) as e:
+        read_pairs(data)
+    lines = str(e.value).splitlines()
+    assert "d.jsonl:2: field `caption`: is empty" in lines[0]
+    assert "d.jsonl:3: field `image`" in lines[1] and "not found" in lines[1]
+    assert "d.jsonl:4: field `messages[1].content`: the caption (the last assistant reply) is empty" in lines[2]
+    ok = write_rows(tmp_path / "ok.jsonl", [{"image": image, "captions": ["a red circle.", "one red shape"]},
+                                            {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]},
+                                                          {"role": "assistant", "content": "a circle."}], "images": [image]}])
+    assert [p.caption for p in read_pairs(ok)] == ["a red circle.", "one red shape", "a circle."]
+
+
+def test_unknown_encoders_and_corrupt_images_give_clear_errors(parts, bert, captions, tmp_path):
+    from vlmkit.cli import main
+    from vlmkit.model.dual_encoder import load_dual_encoder
+    from vlmkit.model.text_encoder import load_text_encoder
+    from vlmkit.retrieval.encode import embed_images
+
+    with pytest.raises(VlmkitError, match="unknown text encoder 'no/such-encoder'"):
+        load_text_encoder("no/such-encoder")
+    with pytest.raises(VlmkitError, match="not a dual encoder"):
+        load_dual_encoder(tmp_path)
+    assert main(train_args(parts, "no/such-encoder", captions, tmp_path / "x")) == 2
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"GIF89a garbage")
+    from vlmkit.model.dual_encoder import create_dual_encoder
+
+    model, processor = create_dual_encoder(parts["clip"], bert, 8)
+    with pytest.raises(VlmkitError, match="corrupt.png"):
+        embed_images(model, processor, [str(corrupt)])
+    from vlmkit.retrieval.encode import embed_texts
+
+    with pytest.raises(VlmkitError, match="empty"):
+        embed_texts(model, processor, [""])

@@ -291,7 +291,7 @@ class Run:
             from vlmkit.model.lora import merge_lora
 
             merge_lora(model.text_encoder)
-        model.config["logit_bias"] = float(model.logit_bias)
+        model.config["logit_bias"] = model.logit_bias.item()
         model.requires_grad_(False)
         model.save(out / MODEL, self.processor)
         write_history(self.history, out)
@@ -305,7 +305,7 @@ class Run:
             "steps": len(self.history),
             "train_seconds": round(self.train_seconds, 1),
             "final_loss": self.history[-1]["loss"],
-            "logit_scale": float(model.scale()),
+            "logit_scale": model.scale().item(),
             "probe": {k: v for k, v in probes[-1].items() if k.startswith(("probe_", "image_", "text_"))} if probes else None,
             "warnings": self.warnings,
             "recipe": {c.key: {"value": c.value, "reason": c.reason} for c in choices},
