@@ -417,3 +417,21 @@ def test_unknown_encoders_and_corrupt_images_give_clear_errors(parts, bert, capt
 
     with pytest.raises(VlmkitError, match="empty"):
         embed_texts(model, processor, [""])
+
+
+def test_a_trained_tower_becomes_a_vlms_vision_tower(trained, parts, tmp_path):
+    """vision=RUN: the VLM's tower holds the dual encoder's trained tower weights, and the recipe decides its
+    layout as for the tower the run was built from (a transformers tower: no position embeddings)."""
+    from PIL import Image
+
+    from vlmkit.build import compose
+    from vlmkit.model.dual_encoder import load_dual_encoder
+
+    vlm, processor = compose(vision=str(trained), llm=parts["llama"], image_tokens=4)
+    encoder, dual_processor = load_dual_encoder(trained)
+    for name, value in encoder.vision_tower.state_dict().items():
+        assert torch.equal(vlm.vision_tower.state_dict()[name], value), name
+    assert not vlm.config.image_positions
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    pixels = processor.pixel_values([image])
+    assert torch.equal(pixels, dual_processor.pixel_values([image]))

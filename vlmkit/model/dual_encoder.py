@@ -7,6 +7,7 @@ A head is LayerNorm + Linear: the norm puts a frozen tower's features (Efficient
 all positive) on one scale, so the heads train well at one learning rate. The logit scale (and SigLIP's
 bias) are parameters here, trained with the heads; `loss` calls the pure functions of `contrastive.py`.
 The pooled tower outputs (`image_features`, `text_features`) are what training caches while a tower is frozen.
+A VLM can take a trained dual encoder's tower as its own (`vision=RUN`: `dual_encoder_vision`).
 
 Saved as a folder (`save` / `load_dual_encoder`), loadable without the original parts:
 
@@ -137,17 +138,44 @@ def is_dual_encoder(path: str | Path) -> bool:
     return (path / CONFIG_FILE).is_file() or (path / "model" / CONFIG_FILE).is_file()
 
 
-def load_dual_encoder(path: str | Path, device="cpu") -> tuple[DualEncoder, DualProcessor]:
-    """A saved dual encoder folder (or a run folder holding one in `model/`), in eval mode on `device`."""
-    from safetensors.torch import load_file
-    from transformers import AutoImageProcessor, AutoTokenizer
-
+def model_folder(path: str | Path) -> Path:
+    """The dual encoder's own folder: `path`, or `path/model` for a run folder."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() and (path / "model" / CONFIG_FILE).is_file():
         path = path / "model"
     if not (path / CONFIG_FILE).is_file():
         raise VlmkitError(f"{path}: not a dual encoder (no {CONFIG_FILE}); give the folder `vlmkit train "
                           "objective=contrastive` wrote (its run folder or run/model)")
+    return path
+
+
+def tower_name(vision: str) -> str:
+    """The name the tower of a dual encoder run was built from (what the VLM recipe decides by); other names as given."""
+    if not is_dual_encoder(vision):
+        return vision
+    return json.loads((model_folder(vision) / CONFIG_FILE).read_text()).get("vision_name", vision)
+
+
+def dual_encoder_vision(path: str | Path):
+    """`vision=RUN`: (tower spec, the tower with the run's trained weights, its image processor)."""
+    from safetensors.torch import load_file
+    from transformers import AutoImageProcessor
+
+    path = model_folder(path)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    tower = build_vision_tower(config["vision"])
+    state = load_file(str(path / WEIGHTS_FILE))
+    prefix = "vision_tower."
+    tower.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return config["vision"], tower.eval(), AutoImageProcessor.from_pretrained(path / "image_processor")
+
+
+def load_dual_encoder(path: str | Path, device="cpu") -> tuple[DualEncoder, DualProcessor]:
+    """A saved dual encoder folder (or a run folder holding one in `model/`), in eval mode on `device`."""
+    from safetensors.torch import load_file
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    path = model_folder(path)
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
         model = DualEncoder(config)

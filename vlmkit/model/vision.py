@@ -9,7 +9,8 @@ its tower without downloading anything:
     {"kind": "efficientnet_lite0"}
     {"kind": "hf", "config": {...a transformers vision config...}, "feature_layer": -2}
     {"kind": "timm", "name": "resnet18"}
-`load_vision(name)` turns what a user typed (a built-in name, a local folder, a hub id, `timm:NAME`) into
+`load_vision(name)` turns what a user typed (a built-in name, a local folder, a hub id, `timm:NAME`, or a
+dual encoder's run folder: its trained tower, `model/dual_encoder.py`) into
 a spec, the tower with its pretrained weights, and the matching image processor
 (`timm:NAME@FILE` takes timm's weights from a local file).
 """
@@ -155,6 +156,12 @@ def load_vision(name: str, image_size: int | None = None, feature_layer: int = -
         size = image_size or data_cfg["input_size"][-1]
         return spec, tower, fixed_size_processor(size, data_cfg["mean"], data_cfg["std"])
 
+    from vlmkit.model.dual_encoder import dual_encoder_vision, is_dual_encoder
+
+    if is_dual_encoder(name):  # vision=RUN: the tower a contrastive run trained
+        spec, tower, processor = dual_encoder_vision(name)
+        return spec, tower, resized(processor, image_size)
+
     from transformers import AutoImageProcessor
 
     vision_config = _hf_vision_config(name)
@@ -168,8 +175,13 @@ def load_vision(name: str, image_size: int | None = None, feature_layer: int = -
         processor = AutoImageProcessor.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise VlmkitError(f"vision tower {name!r}: no image processor beside it ({first_line(e)})") from None
+    return spec, tower, resized(processor, image_size)
+
+
+def resized(processor, image_size: int | None):
+    """The image processor set to resize (and crop) to image_size x image_size, when one is given."""
     if image_size is not None:
         processor.size = {"height": image_size, "width": image_size}
         if getattr(processor, "crop_size", None):
             processor.crop_size = {"height": image_size, "width": image_size}
-    return spec, tower, processor
+    return processor
