@@ -435,3 +435,27 @@ def test_a_trained_tower_becomes_a_vlms_vision_tower(trained, parts, tmp_path):
     image = Image.new("RGB", (40, 30), (200, 30, 30))
     pixels = processor.pixel_values([image])
     assert torch.equal(pixels, dual_processor.pixel_values([image]))
+
+
+def test_stage_contrastive_aligns_a_composed_vlm(parts, captions, tmp_path):
+    """The projector moves, the LM does not, and the result is a VLM folder a later stage can start from."""
+    from safetensors.torch import load_file
+
+    from vlmkit.build import compose, load
+    from vlmkit.cli import main
+
+    out = tmp_path / "aligned"
+    assert main(["train", "--data", captions[0], "--eval-data", captions[1], "--output", str(out), "stage=contrastive",
+                 f"vision={parts['clip']}", f"llm={parts['llama']}", "image_tokens=4", "batch_size=8", "max_steps=4",
+                 "eval_every=2", "save_every=0", "projector_lr=1e-2"]) == 0
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert "probe_t2i_R@5" in history[-1] and len(history) == 4
+    trained = load_file(str(out / "model" / "model.safetensors"))
+    fresh, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
+    state = fresh.state_dict()
+    moved = [k for k in trained if k.startswith("projector.") and not torch.equal(trained[k], state[k])]
+    assert moved
+    assert all(torch.equal(trained[k], state[k]) for k in trained if k.startswith("language_model."))
+    model, processor = load(str(out))
+    assert type(model).__name__ == "VlmkitForConditionalGeneration"
+    assert main(["train", "--data", captions[0], "objective=contrastive", "stage=contrastive"]) == 2  # one or the other

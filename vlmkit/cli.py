@@ -54,12 +54,14 @@ def cmd_train(args) -> None:
     if args.resume and args.output and os.path.isfile(os.path.join(args.output, "config.yaml")) and not args.config:
         args.config = os.path.join(args.output, "config.yaml")  # resume with the run's own config
     cfg = load_config(args.config, args.overrides, **fixed)
-    if cfg.objective == "contrastive":
+    if "contrastive" in (cfg.objective, cfg.stage):
         if args.dry_run:
-            raise VlmkitError("--dry-run plans VLM training; it does not apply to objective=contrastive")
+            raise VlmkitError("--dry-run plans generative training; it does not apply to contrastive training")
         from vlmkit.train.contrastive import train_contrastive
+        from vlmkit.train.vlm_align import align_contrastive
 
-        print(json.dumps(train_contrastive(cfg, resume=args.resume), indent=2))
+        run = train_contrastive if cfg.objective == "contrastive" else align_contrastive
+        print(json.dumps(run(cfg, resume=args.resume), indent=2))
         return
     if args.dry_run:
         from vlmkit.train.plan import plan_run

@@ -17,7 +17,7 @@ import yaml
 from vlmkit.errors import VlmkitError, first_line
 from vlmkit.io import atomic_write_text
 
-STAGES = ("align", "sft")
+STAGES = ("align", "sft", "contrastive")
 PROJECTOR_INITS = ("auto", "random", "text")
 PRECISIONS = ("auto", "fp32", "bf16")
 METHODS = ("auto", "full", "lora", "qlora", "dpo")
@@ -41,7 +41,7 @@ class TrainConfig:
     column_words: bool | None = None  # lay each image out column by column, each after its word (" left", " middle", " right"); None: for 2 or 3 columns
     projector_init: str = "auto"  # auto | random | text: image tokens start at the words the replies say about them
     image_size: int | None = None  # input resolution of the tower; None: chosen with image_tokens, else the tower's own
-    stage: str = "sft"  # align: projector only; sft: projector + LM (full or LoRA)
+    stage: str = "sft"  # align: projector only; sft: projector + LM (full or LoRA); contrastive: projector vs the LM's words
     train_vision: bool = False
     method: str = "auto"  # auto | full | lora | qlora (4-bit base + LoRA) | dpo (preference data; LoRA if lora_r > 0)
     fsdp: bool = False  # under torchrun/accelerate: shard parameters across processes (FSDP) instead of DDP
@@ -88,6 +88,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise VlmkitError(f"config field `objective`: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.objective == "contrastive" and self.stage == "contrastive":
+            raise VlmkitError("stage=contrastive aligns a VLM's projector; objective=contrastive trains a dual "
+                              "encoder: give one of them")
         if self.loss not in CONTRASTIVE_LOSSES:
             raise VlmkitError(f"config field `loss`: {self.loss!r} is not one of {', '.join(CONTRASTIVE_LOSSES)}")
         if self.stage not in STAGES:

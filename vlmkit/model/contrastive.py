@@ -65,6 +65,26 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | f
     return -F.logsigmoid(labels * logits).sum(1).mean()
 
 
+class ScoredPairs:
+    """For a module with `logit_scale`, `logit_bias` and `config["loss"]`: the scale and the loss."""
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at MAX_SCALE as CLIP does."""
+        return self.logit_scale.exp().clamp(max=MAX_SCALE)
+
+    def loss(self, image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
+        if self.config["loss"] == "siglip":
+            return siglip_loss(image, text, self.scale(), self.logit_bias, positives)
+        return clip_loss(image, text, self.scale(), positives)
+
+
+def scale_and_bias(loss: str, bias: float | None) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """The learned log-scale (CLIP: log 1/0.07; SigLIP: log 10) and bias (trained with SigLIP only)."""
+    siglip = loss == "siglip"
+    scale = torch.nn.Parameter(torch.tensor(math.log(SIGLIP_SCALE_INIT if siglip else CLIP_SCALE_INIT)))
+    return scale, torch.nn.Parameter(torch.tensor(float(bias or 0.0)), requires_grad=siglip)
+
+
 def siglip_bias_init(batch_size: int) -> float:
     """log((1/B) / (1 - 1/B)) = -log(B - 1): the sigmoid starts at 1/B, the share of positive cells."""
     if batch_size < 2:

@@ -21,7 +21,6 @@ Saved as a folder (`save` / `load_dual_encoder`), loadable without the original 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from torch import nn
 
 from vlmkit.errors import VlmkitError, first_line
 from vlmkit.io import atomic_write_folder
-from vlmkit.model.contrastive import CLIP_SCALE_INIT, MAX_SCALE, SIGLIP_SCALE_INIT, clip_loss, siglip_loss
+from vlmkit.model.contrastive import ScoredPairs, scale_and_bias
 from vlmkit.model.text_encoder import TextEncoder, load_text_encoder, prepare_tokenizer, tokenize
 from vlmkit.model.vision import build_vision_tower, load_vision
 
@@ -61,7 +60,7 @@ class DualProcessor:
         self.tokenizer.save_pretrained(folder / "tokenizer")
 
 
-class DualEncoder(nn.Module):
+class DualEncoder(ScoredPairs, nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         self.config = dict(config)
@@ -70,9 +69,7 @@ class DualEncoder(nn.Module):
         dim = config["embed_dim"]
         self.vision_head = head(self.vision_tower.hidden_size, dim)
         self.text_head = head(self.text_encoder.hidden_size, dim)
-        siglip = config["loss"] == "siglip"
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(SIGLIP_SCALE_INIT if siglip else CLIP_SCALE_INIT)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(config.get("logit_bias") or 0.0)), requires_grad=siglip)
+        self.logit_scale, self.logit_bias = scale_and_bias(config["loss"], config.get("logit_bias"))
 
     # -- the towers: what can be cached while they are frozen -------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -97,15 +94,6 @@ class DualEncoder(nn.Module):
         if features is None:
             features = self.text_features(input_ids, attention_mask)
         return F.normalize(self.text_head(features.float()), dim=-1)
-
-    def scale(self) -> torch.Tensor:
-        """exp(logit_scale), clamped at MAX_SCALE as CLIP does."""
-        return self.logit_scale.exp().clamp(max=MAX_SCALE)
-
-    def loss(self, image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
-        if self.config["loss"] == "siglip":
-            return siglip_loss(image, text, self.scale(), self.logit_bias, positives)
-        return clip_loss(image, text, self.scale(), positives)
 
     # -- saving ----------------------------------------------------------------------------------------
     def save(self, folder: str | Path, processor: DualProcessor) -> Path:

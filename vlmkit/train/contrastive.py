@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from vlmkit.config import TrainConfig
 from vlmkit.data.captions import caption_key, read_pairs
-from vlmkit.device import training_precision
+from vlmkit.device import resolve_device, training_precision
 from vlmkit.errors import VlmkitError
 from vlmkit.io import atomic_write_text
 from vlmkit.model.contrastive import positive_pairs, siglip_bias_init
@@ -53,16 +53,38 @@ ATTENTION = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "c_attn", "q
 
 def train_contrastive(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """Train a dual encoder per `cfg`; returns the summary. `stop_after` stops with a checkpoint (tests)."""
+    out, pairs, probe, choices = prepare(cfg, resume, stop_after, bias=True)
+    log(f"loading the dual encoder ({cfg.model or f'{cfg.vision} + {cfg.text}'})")
+    if cfg.model:
+        model, processor = load_dual_encoder(cfg.model)
+    else:
+        model, processor = create_dual_encoder(cfg.vision, cfg.text, cfg.embed_dim, cfg.loss, cfg.image_size, cfg.logit_bias)
+    groups = set_trainable(model, cfg)
+
+    def save(folder: Path) -> None:
+        if cfg.lora_r > 0:
+            from vlmkit.model.lora import merge_lora
+
+            merge_lora(model.text_encoder)
+        model.config["logit_bias"] = model.logit_bias.item()
+        model.save(folder, processor)
+
+    return run_contrastive(Run(cfg, out, model, processor, groups, pairs, probe, save), choices, resume, stop_after)
+
+
+def prepare(cfg: TrainConfig, resume: bool, stop_after: int | None, bias: bool) -> tuple:
+    """The run folder, the training pairs and the probe, before any model loads: (out, pairs, probe or None,
+    the choices made for keys left unset). `bias`: the model starts SigLIP's bias from `logit_bias`."""
     dist = setup()
     if dist.active:
-        raise VlmkitError("objective=contrastive trains in one process; run it without torchrun/accelerate")
+        raise VlmkitError("contrastive training runs in one process; run it without torchrun/accelerate")
     choices = []
     if cfg.batch_size is None:
         cfg.batch_size = BATCH_SIZE
         choices.append(Choice("batch_size", BATCH_SIZE, "contrastive: every other pair of a batch is a negative"))
     if cfg.batch_size < 2:
         raise VlmkitError("config field `batch_size`: a contrastive batch needs at least 2 pairs")
-    if cfg.loss == "siglip" and cfg.logit_bias is None and not cfg.model:
+    if bias and cfg.loss == "siglip" and cfg.logit_bias is None and not cfg.model:
         cfg.logit_bias = round(siglip_bias_init(cfg.batch_size), 4)
         choices.append(Choice("logit_bias", cfg.logit_bias, f"log((1/B)/(1-1/B)) for batch size B={cfg.batch_size}"))
     out = check_run_folder(cfg, dist, resume, stop_after)
@@ -74,16 +96,12 @@ def train_contrastive(cfg: TrainConfig, resume: bool = False, stop_after: int | 
     if len(train_pairs) < cfg.batch_size:
         raise VlmkitError(f"{cfg.data}: {len(train_pairs)} training pairs, fewer than batch_size={cfg.batch_size}; "
                           "give more data or a smaller batch_size")
-    device = dist.device()
     torch.manual_seed(cfg.seed)
-    log(f"loading the dual encoder ({cfg.model or f'{cfg.vision} + {cfg.text}'})")
-    if cfg.model:
-        model, processor = load_dual_encoder(cfg.model)
-    else:
-        model, processor = create_dual_encoder(cfg.vision, cfg.text, cfg.embed_dim, cfg.loss, cfg.image_size, cfg.logit_bias)
-    groups = set_trainable(model, cfg)
-    model.to(device)
-    run = Run(cfg, out, model, processor, device, groups, train_pairs, Probe(probe_pairs) if probe_pairs else None)
+    return out, train_pairs, Probe(probe_pairs) if probe_pairs else None, choices
+
+
+def run_contrastive(run: "Run", choices: list, resume: bool, stop_after: int | None) -> dict:
+    """Cache, fix the step count, train and finish `run`; the summary, or {"stopped_at"} with a checkpoint."""
     run.warm()
     total = run.total_steps(choices)
     if choices:
@@ -128,14 +146,19 @@ def add_text_lora(model, cfg: TrainConfig) -> list:
 
 
 class Run:
-    """One contrastive run's state: the model, the cached features, the batches, the history."""
+    """One contrastive run's state: the model, the cached features, the batches, the history.
 
-    def __init__(self, cfg, out: Path, model, processor, device, groups, pairs, probe: Probe | None):
-        self.cfg, self.out, self.model, self.processor, self.device = cfg, out, model, processor, device
-        self.groups, self.pairs, self.probe = groups, pairs, probe
-        self.precision = training_precision(cfg.precision, device)
+    `model` embeds and scores (a `DualEncoder`, or `vlm_align.Aligner` around a VLM): `encode_images`,
+    `text_features`, `embed_images`, `embed_texts`, `loss`, `scale`, `logit_bias`, `vision_tower`; `processor`
+    has `pixel_values` and `tokenize`; `save(folder)` writes the trained model."""
+
+    def __init__(self, cfg, out: Path, model, processor, groups, pairs, probe: Probe | None, save):
+        self.device = resolve_device()
+        self.cfg, self.out, self.model, self.processor = cfg, out, model.to(self.device), processor
+        self.groups, self.pairs, self.probe, self.save = groups, pairs, probe, save
+        self.precision = training_precision(cfg.precision, self.device)
         self.tune_text = cfg.train_text or cfg.lora_r > 0
-        self.images = ImageSource(model, processor, device, cfg.cache_features and not cfg.train_vision)
+        self.images = ImageSource(model, processor, self.device, cfg.cache_features and not cfg.train_vision)
         self.text_cache: dict[str, torch.Tensor] | None = None if self.tune_text or not cfg.cache_features else {}
         self.history: list[dict] = []
         self.watch = RecallWatch()
@@ -149,7 +172,8 @@ class Run:
         """Frozen towers stay in eval mode (no dropout, BatchNorm statistics kept)."""
         self.model.eval()
         self.model.vision_tower.train(self.cfg.train_vision)
-        self.model.text_encoder.train(self.tune_text)
+        if hasattr(self.model, "text_encoder"):
+            self.model.text_encoder.train(self.tune_text)
 
     def warm(self) -> None:
         """Cache the frozen towers' pooled features of every training and probe image and caption."""
@@ -287,20 +311,14 @@ class Run:
 
     def finish(self, choices: list) -> dict:
         model, out = self.model, self.out
-        if self.cfg.lora_r > 0:
-            from vlmkit.model.lora import merge_lora
-
-            merge_lora(model.text_encoder)
-        model.config["logit_bias"] = model.logit_bias.item()
-        model.requires_grad_(False)
-        model.save(out / MODEL, self.processor)
+        self.save(out / MODEL)
         write_history(self.history, out)
         if (out / CHECKPOINT).exists():
             shutil.rmtree(out / CHECKPOINT)
         probes = [r for r in self.history if "probe_t2i_R@5" in r]
         summary = {
             "model": str(out / MODEL),
-            "objective": "contrastive",
+            "objective": "contrastive" if self.cfg.objective == "contrastive" else "stage=contrastive",
             "loss": self.cfg.loss,
             "steps": len(self.history),
             "train_seconds": round(self.train_seconds, 1),
