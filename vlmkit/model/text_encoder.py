@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vlmkit.errors import VlmkitError, first_line
+from vlmkit.model.vision import model_from_config
 
 DEFAULT_TEXT = "all-minilm-l6-v2"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -43,11 +44,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, spec: dict):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
-
-        cfg = dict(spec["config"])
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        self.model = AutoModel.from_config(config)
+        self.model, config = model_from_config(spec["config"])
         self.hidden_size = config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

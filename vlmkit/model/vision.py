@@ -49,11 +49,7 @@ class HFTower(nn.Module):
 
     def __init__(self, spec: dict):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
-
-        cfg = dict(spec["config"])
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        self.model = AutoModel.from_config(config)
+        self.model, config = model_from_config(spec["config"])
         self.feature_layer = spec.get("feature_layer", -2)
         self.patch_size = config.patch_size
         self.hidden_size = config.hidden_size
@@ -63,6 +59,15 @@ class HFTower(nn.Module):
         tokens = out.hidden_states[self.feature_layer]  # (B, N, D), N may include CLS/register tokens
         h, w = pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size
         return tokens[:, -h * w :].reshape(tokens.shape[0], h, w, tokens.shape[-1])
+
+
+def model_from_config(values: dict):
+    """(a random transformers model, its config) from a config saved as a dict (with its `model_type`)."""
+    from transformers import AutoConfig, AutoModel
+
+    values = dict(values)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    return AutoModel.from_config(config), config
 
 
 class TimmTower(nn.Module):
