@@ -3,7 +3,7 @@
 A contrastive loss can keep falling while retrieval gets worse (open_clip#742: the embeddings collapse, or
 the temperature runs away); nothing in the loss shows it. So a fixed set of held-out images and their
 captions is embedded every few steps and scored (`retrieval.metrics`), and `RecallWatch` warns, once per
-episode, when the probe's recall has fallen well below its best while the training loss kept falling.
+episode, when the probe's recall has stayed well below its best while the training loss kept falling.
 """
 
 from __future__ import annotations
@@ -65,17 +65,20 @@ class Probe:
 
 
 class RecallWatch:
-    """Warns when the probe's mean R@5 falls RECALL_DROP below its best while the training loss (the mean
-    over the steps since the previous probe) is below what it was at that best."""
+    """Warns when the probe's mean R@5 is more than RECALL_DROP below its best at two probes in a row (one
+    low probe is often noise) while the training loss (the mean over the steps since the previous probe) is
+    below what it was at that best."""
 
     def __init__(self):
-        self.best_recall, self.loss_at_best, self.warned = -1.0, float("inf"), False
+        self.best_recall, self.loss_at_best, self.low, self.warned = -1.0, float("inf"), 0, False
 
     def check(self, recall: float, loss: float) -> str | None:
         if recall > self.best_recall:
-            self.best_recall, self.loss_at_best, self.warned = recall, loss, False
+            self.best_recall, self.loss_at_best, self.low, self.warned = recall, loss, 0, False
             return None
-        if recall < self.best_recall - RECALL_DROP and loss < self.loss_at_best and not self.warned:
+        falling = recall < self.best_recall - RECALL_DROP and loss < self.loss_at_best
+        self.low = self.low + 1 if falling else 0
+        if self.low >= 2 and not self.warned:
             self.warned = True
             return (f"probe recall is falling while the loss falls (mean R@5 {recall:.3f}, best {self.best_recall:.3f}; "
                     f"loss {loss:.4f}, {self.loss_at_best:.4f} then): the embeddings may be collapsing or overfitting; "
