@@ -508,3 +508,36 @@ def test_default_parts_make_a_dual_encoder():
         images = model.embed_images(processor.pixel_values([Image.new("RGB", (64, 64), c) for c in ("red", "blue")]))
     assert texts[0] @ texts[1] > texts[0] @ texts[2] + 0.1
     assert images.shape == (2, 256)
+
+
+def test_a_causal_lm_is_a_text_encoder(parts, tmp_path):
+    """A causal LM's base model, mean-pooled over the real tokens: padding changes nothing, and the folder saved
+    and loaded again embeds the same."""
+    from vlmkit.model.dual_encoder import create_dual_encoder, load_dual_encoder
+    from vlmkit.retrieval.encode import embed_texts
+
+    model, processor = create_dual_encoder(parts["clip"], parts["llama"], 8)
+    assert type(model.text_encoder.model).__name__ == "LlamaModel"
+    alone = embed_texts(model, processor, ["a red circle on the left"])
+    padded = embed_texts(model, processor, ["a red circle on the left", "a blue square on the right and more words"])
+    assert torch.allclose(alone[0], padded[0], atol=1e-5)
+    model.save(tmp_path / "m", processor)
+    again, processor2 = load_dual_encoder(tmp_path / "m")
+    assert torch.allclose(embed_texts(again, processor2, ["a red circle on the left"]), alone, atol=1e-6)
+
+
+def test_lora_on_the_text_encoder_is_merged_into_the_saved_model(parts, bert, captions, tmp_path):
+    from safetensors.torch import load_file
+
+    from vlmkit.cli import main
+    from vlmkit.model.dual_encoder import create_dual_encoder
+
+    out = tmp_path / "lora"
+    assert main(train_args(parts, bert, captions, out, "lora_r=4", "lr=1e-2")) == 0
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    assert not any("lora_" in k for k in saved)
+    fresh = create_dual_encoder(parts["clip"], bert, 16)[0].state_dict()
+    query = "text_encoder.model.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(saved[query], fresh[query])  # the adapter, merged
+    dense = "text_encoder.model.encoder.layer.0.attention.output.dense.weight"
+    assert torch.equal(saved[dense], fresh[dense])  # not a target
