@@ -541,3 +541,15 @@ def test_lora_on_the_text_encoder_is_merged_into_the_saved_model(parts, bert, ca
     assert not torch.equal(saved[query], fresh[query])  # the adapter, merged
     dense = "text_encoder.model.encoder.layer.0.attention.output.dense.weight"
     assert torch.equal(saved[dense], fresh[dense])  # not a target
+
+
+def test_a_large_gallery_scores_in_chunks():
+    """5,000 images and 10,000 captions, 256 queries at a time: caption 2i is image i exactly, so it and the
+    image rank each other first, and the other caption lands where brute force puts it."""
+    image, text = unit(5_000, 16, seed=12), unit(10_000, 16, seed=13)
+    text[::2] = image
+    t2i, i2t = ranks(image, text, torch.arange(10_000) // 2)
+    assert (t2i[::2] == 1).all() and (i2t == 1).all()
+    sims = text[1::2][:50] @ image.T  # 50 of the other captions, ranked in full
+    own = sims[torch.arange(50), torch.arange(50)]
+    assert t2i[1::2][:50].tolist() == (1 + (sims > own[:, None]).sum(1)).tolist()

@@ -31,7 +31,7 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 def evaluate_retrieval(model: str, data: str, output: str | None = None, match_captions: bool = False,
-                       chunk: int = 1024, batch_size: int = 32, device: str = "cpu") -> dict:
+                       chunk: int = 256, batch_size: int = 32, device: str = "cpu") -> dict:
     """Retrieval scores of the dual encoder `model` on `data`; the report is written to `output` if given."""
     pairs = read_pairs(data)
     encoder, processor = load_dual_encoder(model, device)

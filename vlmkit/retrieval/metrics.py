@@ -10,7 +10,8 @@ Relevance is a pair of labels: `text_image[t]` is the image caption t belongs to
 that has a caption equal to t's (shapes scenes share captions such as "a red circle."; any image so
 described is a right answer). An item's rank is 1 + the number of irrelevant items scoring strictly higher
 than its best relevant one (ties count in its favour). Similarities are computed `chunk` queries at a time,
-so a 100k gallery never needs a 100k x 100k matrix; the chunk size does not change any result.
+so a 100k gallery never needs a 100k x 100k matrix (nor does relevance: it is kept as sorted index lists);
+the chunk size does not change any result.
 """
 
 from __future__ import annotations
@@ -20,36 +21,56 @@ import torch
 KS = (1, 5, 10)
 
 
-def _relevance(text_image: torch.Tensor, text_group: torch.Tensor, n_images: int):
-    """(image -> group ids it holds) as a dense (n_images, n_groups) bool table; groups index captions."""
-    n_groups = int(text_group.max()) + 1 if len(text_group) else 0
-    table = torch.zeros(n_images, n_groups, dtype=torch.bool)
-    table[text_image, text_group] = True
-    return table
+def _csr(keys: torch.Tensor, values: torch.Tensor, n_keys: int):
+    """`values` grouped by `keys` (0 <= key < n_keys): (start of each key's run, its length, values sorted)."""
+    order = torch.argsort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=n_keys)
+    return torch.cumsum(counts, 0) - counts, counts, values[order]
 
 
-def ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image, text_group=None, chunk: int = 1024):
+def _expand(csr, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, value) for every value of every key in `keys`: row k for the values of keys[k]."""
+    starts, counts, values = csr
+    n = counts[keys]
+    row = torch.repeat_interleave(torch.arange(len(keys)), n)
+    first = torch.repeat_interleave(starts[keys], n)
+    within = torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+    return row, values[first + within]
+
+
+def ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image, text_group=None, chunk: int = 256):
     """(text->image ranks (N_t,), image->text ranks (N_i,)), 1 = a relevant item on top.
 
     `image_emb` (N_i, E), `text_emb` (N_t, E): normalised embeddings; `text_image` (N_t,): each caption's
     image index; `text_group` (N_t,): caption ids, equal for captions that count as the same (default:
-    every caption its own). Every image needs at least one caption."""
+    every caption its own). Every image needs at least one caption. Memory: a (chunk, N) block of
+    similarities and one of relevance at a time; who is relevant to whom is kept as sorted index lists."""
     image_emb, text_emb = image_emb.float(), text_emb.float()
+    n_images, n_texts = len(image_emb), len(text_emb)
     text_image = torch.as_tensor(text_image, dtype=torch.long)
-    text_group = torch.arange(len(text_image)) if text_group is None else torch.as_tensor(text_group, dtype=torch.long)
-    table = _relevance(text_image, text_group, len(image_emb))  # (N_i, G)
-    if not bool(table.any(1).all()):
+    text_group = torch.arange(n_texts) if text_group is None else torch.as_tensor(text_group, dtype=torch.long)
+    if len(text_image.unique()) != n_images:
         raise ValueError("every image needs at least one caption")
-    t2i = torch.empty(len(text_emb), dtype=torch.long)
-    for s in range(0, len(text_emb), chunk):
-        sims = text_emb[s : s + chunk] @ image_emb.T  # (c, N_i)
-        relevant = table[:, text_group[s : s + chunk]].T  # (c, N_i)
-        t2i[s : s + chunk] = _rank(sims, relevant)
-    i2t = torch.empty(len(image_emb), dtype=torch.long)
-    for s in range(0, len(image_emb), chunk):
-        sims = image_emb[s : s + chunk] @ text_emb.T  # (c, N_t)
-        relevant = table[s : s + chunk][:, text_group]  # (c, N_t)
-        i2t[s : s + chunk] = _rank(sims, relevant)
+    n_groups = int(text_group.max()) + 1
+    pairs = torch.unique(text_group * n_images + text_image)  # each (caption group, image) once
+    pair_group, pair_image = pairs // n_images, pairs % n_images
+    group_images = _csr(pair_group, pair_image, n_groups)
+    image_groups = _csr(pair_image, pair_group, n_images)
+    group_texts = _csr(text_group, torch.arange(n_texts), n_groups)
+    t2i = torch.empty(n_texts, dtype=torch.long)
+    for s in range(0, n_texts, chunk):
+        queries = text_group[s : s + chunk]
+        relevant = torch.zeros(len(queries), n_images, dtype=torch.bool)
+        relevant[_expand(group_images, queries)] = True  # the images holding a caption of the query's group
+        t2i[s : s + chunk] = _rank(text_emb[s : s + chunk] @ image_emb.T, relevant)
+    i2t = torch.empty(n_images, dtype=torch.long)
+    for s in range(0, n_images, chunk):
+        queries = torch.arange(s, min(s + chunk, n_images))
+        row, group = _expand(image_groups, queries)  # the image's caption groups...
+        inner, text = _expand(group_texts, group)  # ...and every caption in them
+        relevant = torch.zeros(len(queries), n_texts, dtype=torch.bool)
+        relevant[row[inner], text] = True
+        i2t[s : s + chunk] = _rank(image_emb[s : s + chunk] @ text_emb.T, relevant)
     return t2i, i2t
 
 
@@ -67,7 +88,7 @@ def summarize(rank: torch.Tensor, ks=KS) -> dict:
     return out
 
 
-def retrieval_scores(image_emb, text_emb, text_image, text_group=None, chunk: int = 1024, ks=KS) -> dict:
+def retrieval_scores(image_emb, text_emb, text_image, text_group=None, chunk: int = 256, ks=KS) -> dict:
     """{"text_to_image": {R@1, R@5, R@10, mean_rank, median_rank}, "image_to_text": {...}, "n_images", "n_texts"}."""
     t2i, i2t = ranks(image_emb, text_emb, text_image, text_group, chunk)
     return {"text_to_image": summarize(t2i, ks), "image_to_text": summarize(i2t, ks),
