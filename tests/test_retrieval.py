@@ -553,3 +553,17 @@ def test_a_large_gallery_scores_in_chunks():
     sims = text[1::2][:50] @ image.T  # 50 of the other captions, ranked in full
     own = sims[torch.arange(50), torch.arange(50)]
     assert t2i[1::2][:50].tolist() == (1 + (sims > own[:, None]).sum(1)).tolist()
+
+
+def test_class_and_template_lists(tmp_path):
+    from vlmkit.retrieval.evaluate import label_of, read_list
+
+    assert read_list("zero, one,two", "classes") == ["zero", "one", "two"]
+    assert read_list("a photo of a {}, a kind of food|{}", "templates", sep="|") == ["a photo of a {}, a kind of food", "{}"]
+    names = tmp_path / "names.txt"
+    names.write_text("ankle boot\nshirt\nt-shirt\n")
+    classes = read_list(str(names), "classes")
+    assert label_of("An ankle boot.", classes, "x") == 0
+    assert label_of("a photo of a t-shirt", classes, "x") == 2  # the longest name it holds, not "shirt"
+    with pytest.raises(VlmkitError, match="x: caption 'a sandal' names none of the classes"):
+        label_of("a sandal", classes, "x")

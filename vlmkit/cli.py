@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match-captions", action="store_true",
                    help="retrieval: a caption also finds every image that has the same caption")
     p.add_argument("--classes", help='zeroshot: class names, "zero,one,..." or a file with one a line')
-    p.add_argument("--templates", help='zeroshot: caption templates, "a photo of a {}." (default) or a file, one a line')
+    p.add_argument("--templates", help='zeroshot: caption templates separated by |, "a photo of a {}." (default), '
+                   'or a file with one a line')
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("index", help="embed a folder of images with a dual encoder into a search index",

@@ -48,17 +48,17 @@ def evaluate_retrieval(model: str, data: str, output: str | None = None, match_c
     return report
 
 
-def read_list(value: str | list[str], what: str) -> list[str]:
-    """Names from a file (one a line), a comma-separated string, or a list."""
+def read_list(value: str | list[str], what: str, sep: str = ",") -> list[str]:
+    """Names from a file (one a line), a string of them separated by `sep`, or a list."""
     if isinstance(value, (list, tuple)):
         items = list(value)
     elif os.path.isfile(value):
         items = Path(value).read_text().splitlines()
     else:
-        items = value.split(",")
+        items = value.split(sep)
     items = [i.strip() for i in items if i.strip()]
     if not items:
-        raise VlmkitError(f"no {what} given; list them separated by commas, or in a file, one a line")
+        raise VlmkitError(f"no {what} given; list them separated by {sep!r}, or in a file, one a line")
     return items
 
 
@@ -78,7 +78,7 @@ def evaluate_zeroshot(model: str, data: str, classes, templates=DEFAULT_TEMPLATE
                       batch_size: int = 32, device: str = "cpu") -> dict:
     """Zero-shot classification accuracy of `model` on the images of `data` (labels read from their captions)."""
     classes = read_list(classes, "classes")
-    templates = read_list(templates, "templates")
+    templates = read_list(templates, "templates", sep="|")  # templates may hold commas
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise VlmkitError(f"template {bad[0]!r} has no {{}} where the class name goes; write e.g. \"a photo of a {{}}.\"")
