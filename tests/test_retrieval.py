@@ -526,21 +526,40 @@ def test_a_causal_lm_is_a_text_encoder(parts, tmp_path):
     assert torch.allclose(embed_texts(again, processor2, ["a red circle on the left"]), alone, atol=1e-6)
 
 
-def test_lora_on_the_text_encoder_is_merged_into_the_saved_model(parts, bert, captions, tmp_path):
+@pytest.mark.parametrize("towers", ["text", "vision"])
+def test_lora_is_merged_into_the_saved_model(parts, bert, captions, tmp_path, towers):
+    """LoRA on the text encoder's or the ViT tower's attention: the saved weights hold the merged update on the
+    targets only, and no adapter tensors."""
     from safetensors.torch import load_file
 
     from vlmkit.cli import main
     from vlmkit.model.dual_encoder import create_dual_encoder
 
     out = tmp_path / "lora"
-    assert main(train_args(parts, bert, captions, out, "lora_r=4", "lr=1e-2")) == 0
+    assert main(train_args(parts, bert, captions, out, "lora_r=4", "lr=1e-2", "vision_lr=1e-2", "max_steps=2",
+                           f"lora_towers={towers}")) == 0
     saved = load_file(str(out / "model" / "model.safetensors"))
     assert not any("lora_" in k for k in saved)
     fresh = create_dual_encoder(parts["clip"], bert, 16)[0].state_dict()
-    query = "text_encoder.model.encoder.layer.0.attention.self.query.weight"
-    assert not torch.equal(saved[query], fresh[query])  # the adapter, merged
-    dense = "text_encoder.model.encoder.layer.0.attention.output.dense.weight"
-    assert torch.equal(saved[dense], fresh[dense])  # not a target
+    changed = {k for k in saved if not torch.equal(saved[k], fresh[k]) and not k.startswith(("vision_head", "text_head", "logit"))}
+    target, other = {
+        "text": ("encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.output.dense.weight"),
+        "vision": ("encoder.layers.0.self_attn.q_proj.weight", "encoder.layers.0.self_attn.out_proj.weight"),
+    }[towers]
+    assert any(k.endswith(target) for k in changed) and not any(k.endswith(other) for k in changed), sorted(changed)[:5]
+    assert all(k.startswith("text_encoder." if towers == "text" else "vision_tower.") for k in changed)
+
+
+def test_lora_on_a_cnn_tower_is_refused_clearly(bert, captions, tmp_path):
+    from vlmkit.cli import main
+    from vlmkit.config import load_config
+    from vlmkit.train.contrastive import train_contrastive
+
+    args = ["train", "--data", captions[0], "--output", str(tmp_path / "cnn"), "objective=contrastive", f"text={bert}",
+            "lora_r=4", "lora_towers=vision", "batch_size=8", "max_steps=1", "image_size=64"]
+    assert main(args) == 2
+    with pytest.raises(VlmkitError, match="no attention projections to adapt"):
+        train_contrastive(load_config(None, args[5:], data=captions[0], output=str(tmp_path / "cnn2")))
 
 
 def test_a_large_gallery_scores_in_chunks():

@@ -56,7 +56,8 @@ class TrainConfig:
     loss: str = "clip"  # clip (InfoNCE, learnable temperature) | siglip (sigmoid, learnable temperature and bias)
     embed_dim: int = 256  # the shared embedding size both projection heads map to
     logit_bias: float | None = None  # siglip's starting bias; None: log((1/B) / (1 - 1/B)) for batch size B
-    train_text: bool = False  # tune the text encoder in full (with lora_r > 0: LoRA on its attention instead)
+    train_text: bool = False  # tune the text encoder in full
+    lora_towers: str = "text"  # with lora_r > 0: LoRA on text | vision | text+vision (instead of full tuning)
     probe_size: int = 256  # held-out images whose recall@K is logged during training
     # data
     data: str | None = None
@@ -91,6 +92,8 @@ class TrainConfig:
         if self.objective == "contrastive" and self.stage == "contrastive":
             raise VlmkitError("stage=contrastive aligns a VLM's projector; objective=contrastive trains a dual "
                               "encoder: give one of them")
+        if self.lora_towers not in ("text", "vision", "text+vision", "vision+text"):
+            raise VlmkitError(f"config field `lora_towers`: {self.lora_towers!r} is not one of text, vision, text+vision")
         if self.loss not in CONTRASTIVE_LOSSES:
             raise VlmkitError(f"config field `loss`: {self.loss!r} is not one of {', '.join(CONTRASTIVE_LOSSES)}")
         if self.stage not in STAGES:

@@ -4,8 +4,8 @@ The phases read top to bottom, as in `loop.py`:
 1. the run folder and config (`loop.check_run_folder`), the pairs (`data/captions.py`; bad rows fail before
    any model loads) and the held-out probe (`probe.py`: `eval_data`, else images set aside from `data`);
 2. the model (`model/dual_encoder.py`: new from `vision` + `text`, or `model=` a saved one), what trains
-   (heads, logit scale and SigLIP's bias always; `train_vision`, `train_text` or LoRA on the text encoder
-   when asked), and the frozen towers' pooled features cached once (images through `features.ImageSource`,
+   (heads, logit scale and SigLIP's bias always; `train_vision`, `train_text`, or LoRA on the towers named
+   by `lora_towers` when `lora_r` > 0), and the frozen towers' pooled features cached once (images through `features.ImageSource`,
    captions here);
 3. the steps: a batch of pairs -> embeddings -> `model.loss` with every pair sharing an image or a caption
    counted positive -> AdamW, cosine schedule; the probe scored every `eval_every` steps (default: ten
@@ -48,7 +48,8 @@ from vlmkit.train.probe import Probe, RecallWatch, first_images, hold_out
 BATCH_SIZE = 64  # contrastive losses need negatives: a batch of 4 (the VLM recipe's CPU default) has 3
 TEXT_LR_FULL, TEXT_LR_LORA = 1e-5, 5e-4
 TIMED_STEPS = 5
-ATTENTION = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "c_attn", "qkv_proj", "Wqkv"}
+# attention projections: BERT, Llama-style, GPT-2, transformers and timm ViTs
+LORA_TARGETS = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "c_attn", "qkv_proj", "Wqkv", "qkv"}
 
 
 def train_contrastive(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
@@ -65,7 +66,7 @@ def train_contrastive(cfg: TrainConfig, resume: bool = False, stop_after: int | 
         if cfg.lora_r > 0:
             from vlmkit.model.lora import merge_lora
 
-            merge_lora(model.text_encoder)
+            merge_lora(model)
         model.config["logit_bias"] = model.logit_bias.item()
         model.save(folder, processor)
 
@@ -118,10 +119,15 @@ def set_trainable(model, cfg: TrainConfig) -> list[dict]:
     if cfg.loss == "siglip":
         heads.append(model.logit_bias)
     groups = [{"params": heads, "lr": cfg.projector_lr, "name": "heads"}]
-    if cfg.train_vision:
+    lora = lora_towers(cfg)
+    if "vision" in lora:
+        groups.append({"params": add_tower_lora(model.vision_tower, cfg, "vision tower"), "lr": cfg.vision_lr,
+                       "name": "vision_lora"})
+    elif cfg.train_vision:
         groups.append({"params": list(model.vision_tower.parameters()), "lr": cfg.vision_lr, "name": "vision"})
-    if cfg.lora_r > 0:
-        groups.append({"params": add_text_lora(model, cfg), "lr": cfg.lr or TEXT_LR_LORA, "name": "text_lora"})
+    if "text" in lora:
+        groups.append({"params": add_tower_lora(model.text_encoder.model, cfg, "text encoder"),
+                       "lr": cfg.lr or TEXT_LR_LORA, "name": "text_lora"})
     elif cfg.train_text:
         groups.append({"params": list(model.text_encoder.parameters()), "lr": cfg.lr or TEXT_LR_FULL, "name": "text"})
     for group in groups:
@@ -130,19 +136,25 @@ def set_trainable(model, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
-def add_text_lora(model, cfg: TrainConfig) -> list:
-    """LoRA adapters on the text encoder's attention projections; returns their parameters."""
+def lora_towers(cfg: TrainConfig) -> set[str]:
+    """The towers that get LoRA: none unless lora_r > 0."""
+    return set(cfg.lora_towers.split("+")) if cfg.lora_r > 0 else set()
+
+
+def add_tower_lora(tower, cfg: TrainConfig, what: str) -> list:
+    """LoRA adapters on a tower's attention projections; returns their parameters. Merged into the weights
+    when the model is saved. A CNN has none: tune it in full (`train_vision`)."""
     from peft import LoraConfig, inject_adapter_in_model
     from torch import nn
 
-    encoder = model.text_encoder.model
-    names = {n.rsplit(".", 1)[-1] for n, m in encoder.named_modules() if isinstance(m, nn.Linear)}
-    targets = sorted(names & ATTENTION)
+    names = {n.rsplit(".", 1)[-1] for n, m in tower.named_modules() if isinstance(m, nn.Linear)}
+    targets = sorted(names & LORA_TARGETS)
     if not targets:
-        raise VlmkitError(f"LoRA: no attention projections found in the text encoder ({', '.join(sorted(names))})")
+        raise VlmkitError(f"LoRA: the {what} has no attention projections to adapt (a CNN?); tune it in full "
+                          "instead (train_vision=true / train_text=true) or give lora_towers without it")
     inject_adapter_in_model(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                       target_modules=targets), encoder)
-    return [p for n, p in encoder.named_parameters() if "lora_" in n]
+                                       target_modules=targets), tower)
+    return [p for n, p in tower.named_parameters() if "lora_" in n]
 
 
 class Run:
@@ -157,8 +169,10 @@ class Run:
         self.cfg, self.out, self.model, self.processor = cfg, out, model.to(self.device), processor
         self.groups, self.pairs, self.probe, self.save = groups, pairs, probe, save
         self.precision = training_precision(cfg.precision, self.device)
-        self.tune_text = cfg.train_text or cfg.lora_r > 0
-        self.images = ImageSource(model, processor, self.device, cfg.cache_features and not cfg.train_vision)
+        lora = lora_towers(cfg)
+        self.tune_text = cfg.train_text or "text" in lora
+        tune_vision = cfg.train_vision or "vision" in lora
+        self.images = ImageSource(model, processor, self.device, cfg.cache_features and not tune_vision)
         self.text_cache: dict[str, torch.Tensor] | None = None if self.tune_text or not cfg.cache_features else {}
         self.history: list[dict] = []
         self.watch = RecallWatch()
