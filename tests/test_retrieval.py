@@ -290,6 +290,19 @@ def test_heads_learn_only_what_is_asked(parts, bert, captions, tmp_path):
     assert json.loads((tmp_path / "s" / "model" / "dual_encoder.json").read_text())["loss"] == "siglip"
 
 
+def test_max_minutes_fixes_the_steps_and_saves_them(parts, bert, captions, tmp_path):
+    import yaml
+
+    from vlmkit.config import load_config
+    from vlmkit.train.contrastive import train_contrastive
+
+    args = train_args(parts, bert, captions, tmp_path / "m")[7:]
+    args = [a for a in args if not a.startswith("max_steps")] + ["max_minutes=0.002"]
+    summary = train_contrastive(load_config(None, args, data=captions[0], output=str(tmp_path / "m")))
+    saved = yaml.safe_load((tmp_path / "m" / "config.yaml").read_text())["max_steps"]
+    assert saved >= 1 and summary["steps"] == saved and summary["recipe"]["max_steps"]["value"] == saved
+
+
 def test_resume_is_exact(parts, bert, captions, trained, tmp_path):
     from safetensors.torch import load_file
 

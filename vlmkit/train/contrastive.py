@@ -54,7 +54,7 @@ LORA_TARGETS = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "c_attn",
 
 def train_contrastive(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """Train a dual encoder per `cfg`; returns the summary. `stop_after` stops with a checkpoint (tests)."""
-    out, pairs, probe, choices = prepare(cfg, resume, stop_after, bias=True)
+    out, pairs, probe, choices = prepare(cfg, resume, stop_after)
     log(f"loading the dual encoder ({cfg.model or f'{cfg.vision} + {cfg.text}'})")
     if cfg.model:
         model, processor = load_dual_encoder(cfg.model)
@@ -73,9 +73,9 @@ def train_contrastive(cfg: TrainConfig, resume: bool = False, stop_after: int | 
     return run_contrastive(Run(cfg, out, model, processor, groups, pairs, probe, save), choices, resume, stop_after)
 
 
-def prepare(cfg: TrainConfig, resume: bool, stop_after: int | None, bias: bool) -> tuple:
+def prepare(cfg: TrainConfig, resume: bool, stop_after: int | None) -> tuple:
     """The run folder, the training pairs and the probe, before any model loads: (out, pairs, probe or None,
-    the choices made for keys left unset). `bias`: the model starts SigLIP's bias from `logit_bias`."""
+    the choices made for keys left unset: the batch size, SigLIP's starting bias)."""
     dist = setup()
     if dist.active:
         raise VlmkitError("contrastive training runs in one process; run it without torchrun/accelerate")
@@ -85,7 +85,7 @@ def prepare(cfg: TrainConfig, resume: bool, stop_after: int | None, bias: bool) 
         choices.append(Choice("batch_size", BATCH_SIZE, "contrastive: every other pair of a batch is a negative"))
     if cfg.batch_size < 2:
         raise VlmkitError("config field `batch_size`: a contrastive batch needs at least 2 pairs")
-    if bias and cfg.loss == "siglip" and cfg.logit_bias is None and not cfg.model:
+    if cfg.loss == "siglip" and cfg.logit_bias is None and not cfg.model:
         cfg.logit_bias = round(siglip_bias_init(cfg.batch_size), 4)
         choices.append(Choice("logit_bias", cfg.logit_bias, f"log((1/B)/(1-1/B)) for batch size B={cfg.batch_size}"))
     out = check_run_folder(cfg, dist, resume, stop_after)

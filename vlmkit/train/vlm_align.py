@@ -87,7 +87,7 @@ def align_contrastive(cfg: TrainConfig, resume: bool = False, stop_after: int | 
     if cfg.projector_init == "text":
         raise VlmkitError("projector_init=text fits the projector to replies; stage=contrastive aligns it from captions: "
                           "leave projector_init unset")
-    out, pairs, probe, choices = prepare(cfg, resume, stop_after, bias=True)
+    out, pairs, probe, choices = prepare(cfg, resume, stop_after)
     log(f"loading the model ({cfg.model or f'{cfg.vision} + {cfg.llm}'})")
     vlm, processor = for_training(cfg)
     if not isinstance(vlm, VlmkitForConditionalGeneration):
