@@ -3,7 +3,7 @@
 In one process, on the bare language model (default: SmolLM2-135M-Instruct, the quickstart's LM) and,
 with `--model`, on a VLM (one image + a question):
   - tokens/s of transformers' `generate` (dynamic cache) in fp32 and in bf16, and of vlmkit's decoder in
-    each precision (fp32, bf16, int8), at batch 1 and 8, every row forced to `--tokens` new tokens;
+    each precision (fp32, bf16, int8, int4), at batch 1 and 8, every row forced to `--tokens` new tokens;
   - the decoder's setup time (weights converted once per process) and the VLM's prefill time;
   - the quality cost of each precision: the LM's loss on a plain English paragraph (teacher forcing
     through the same decode step), and with `--eval-data` the VLM's held-out exact match;
@@ -217,8 +217,9 @@ def main() -> None:
     print("\nratios (LM):")
     for b in args.batch:
         for p in PRECISIONS:
-            base = tok("LM", "transformers generate", p if p != "int8" else "bf16", b)
-            print(f"  batch {b}: vlmkit {p} / transformers {p if p != 'int8' else 'bf16'} = {tok('LM', 'vlmkit decoder', p, b) / base:.2f}x;"
+            same = p if p in ("fp32", "bf16") else "bf16"  # the quantized paths compute in bf16
+            base = tok("LM", "transformers generate", same, b)
+            print(f"  batch {b}: vlmkit {p} / transformers {same} = {tok('LM', 'vlmkit decoder', p, b) / base:.2f}x;"
                   f" / transformers fp32 = {tok('LM', 'vlmkit decoder', p, b) / tok('LM', 'transformers generate', 'fp32', b):.2f}x")
     if 8 in args.batch and 1 in args.batch:
         for p in PRECISIONS:

@@ -293,14 +293,14 @@ def _add_sampling(p, max_new_tokens: int = 64) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
 
 
-DECODE = ("auto", "transformers", "fp32", "bf16", "int8")  # vlmkit.infer.engine.DECODE_CHOICES (tests check)
+DECODE = ("auto", "transformers", "fp32", "bf16", "int8", "int4")  # vlmkit.infer.engine.DECODE_CHOICES (tests check)
 
 
 def _add_decode(p) -> None:
     p.add_argument("--decode", choices=DECODE, default="auto",
                    help="how replies are decoded: auto (default: on CPU vlmkit's decoder, int8 weights where the CPU "
                    "has bf16 units, else fp32; on GPU transformers' generate), transformers, or vlmkit's decoder in "
-                   "fp32 (token for token transformers'), bf16 or int8. Figures: docs/decode.md")
+                   "fp32 (token for token transformers'), bf16, int8 or int4. Figures: docs/decode.md")
 
 
 def _yes_no(text: str) -> bool:

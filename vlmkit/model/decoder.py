@@ -6,9 +6,11 @@ steps that follow see one new text token per row; `Decoder` runs them on the lan
 directly: a preallocated KV cache (the prefill's keys and values copied in once), rotary embeddings from
 the model's own rotary module, attention as two matmuls, and one Python call per weight matrix.
 
-Weights can be held in three precisions (`PRECISIONS`): `fp32` (the model's own tensors, no copy: greedy
-output token for token transformers'), `bf16` (a bf16 copy; activations in bf16) and `int8` (per-output-
-channel int8 weights with bf16 activations, `torch.ops.aten._weight_int8pack_mm`). A step is bound by
+Weights can be held in four precisions (`PRECISIONS`): `fp32` (the model's own tensors, no copy: greedy
+output token for token transformers'), `bf16` (a bf16 copy; activations in bf16), `int8` (per-output-
+channel int8 weights with bf16 activations, `torch.ops.aten._weight_int8pack_mm`) and `int4` (4-bit
+weights, a scale and zero per 32 inputs, as GGUF's Q4_1; `_weight_int4pack_mm_for_cpu`; a matrix the
+kernel cannot tile, e.g. an odd vocabulary's head, stays int8). A step is bound by
 reading the weights (a 135M-parameter LM reads 540 MB per token in fp32), so fewer bytes per weight is
 what makes it faster on a CPU; the measured speed and quality of each are in docs/decode.md.
 
@@ -24,7 +26,8 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
+INT4_GROUP = 32  # int4 weights: one scale and zero per 32 inputs of an output (as GGUF's Q4_1 blocks)
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -47,13 +50,18 @@ def int8_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
+def int4_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
 @dataclass
 class _Weight:
     """One weight matrix in the decode precision: `apply(x)` is x @ W.T (+ bias)."""
 
-    weight: torch.Tensor  # (out, in): fp32/bf16, or int8 with `scale`
+    weight: torch.Tensor  # (out, in) fp32/bf16; int8 (out, in); int4 packed by torch
     bias: torch.Tensor | None = None
-    scale: torch.Tensor | None = None  # (out,) per-output-channel scale of int8 weights
+    scale: torch.Tensor | None = None  # int8: (out,) per output channel; int4: (in/32, out, 2) scales and zeros
+    kind: str = "float"
 
     @classmethod
     def of(cls, linear_weight: torch.Tensor, bias: torch.Tensor | None, precision: str) -> "_Weight":
@@ -64,17 +72,37 @@ class _Weight:
         if precision == "bf16":
             return cls(w.to(torch.bfloat16), bias)
         w = w.float()
+        if precision == "int4" and w.shape[1] % INT4_GROUP == 0 and w.shape[0] % 16 == 0:  # the kernel's tiling
+            return _int4_weight(w, bias)
         scale = w.abs().amax(dim=1).clamp_min(1e-8) / 127.0  # symmetric, per output channel
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        return cls(q, bias, scale.to(torch.bfloat16))
+        return cls(q, bias, scale.to(torch.bfloat16), "int8")
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale is None:
+        if self.kind == "float":
             return F.linear(x, self.weight, self.bias)
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), self.weight, self.scale)
+        x = x.reshape(-1, shape[-1]).contiguous()
+        if self.kind == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, INT4_GROUP, self.scale)
         y = y.reshape(*shape[:-1], -1)
         return y if self.bias is None else y + self.bias
+
+
+def _int4_weight(w: torch.Tensor, bias: torch.Tensor | None) -> _Weight:
+    """Asymmetric 4-bit weights, a scale and a minimum per group of INT4_GROUP inputs (round to nearest):
+    w ~ (q - 8) * scale + zero with q in 0..15, packed for torch's CPU int4 kernel."""
+    out, inp = w.shape
+    groups = w.reshape(out, inp // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp_min(1e-8)
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).reshape(out, inp).to(torch.int32)
+    zero = low + 8 * scale
+    scales = torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()  # (in/32, out, 2)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return _Weight(packed, bias, scales, "int4")
 
 
 @dataclass
@@ -99,8 +127,8 @@ class Decoder:
     def __init__(self, decoder, lm_head: torch.nn.Module, config, precision: str = "fp32"):
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if precision == "int8" and not int8_available():
-            raise ValueError("int8 decoding needs torch.ops.aten._weight_int8pack_mm (torch >= 2.3)")
+        if (precision == "int8" and not int8_available()) or (precision == "int4" and not int4_available()):
+            raise ValueError(f"{precision} decoding needs a torch with its CPU kernel (torch >= 2.6)")
         self.precision = precision
         self.dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         self.config = config
