@@ -80,13 +80,13 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def serial_engine(model: str, items, max_tokens: int, seconds: float) -> dict:
+def serial_engine(model: str, items, max_tokens: int, seconds: float, decode: str = "auto") -> dict:
     """The requests one at a time through the engine in this process."""
     import torch
 
     from vlmkit.infer.load import load
 
-    engine = load(model).engine
+    engine = load(model, decode=decode).engine
     eos = engine.model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
 
@@ -94,8 +94,7 @@ def serial_engine(model: str, items, max_tokens: int, seconds: float) -> dict:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         inputs = engine._cast(engine.inputs([messages], [[image]]))
         with torch.inference_mode():
-            out = engine.model.generate(**inputs, **engine._gen_kwargs(max_tokens, 0.0, 1.0))
-        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+            new = engine._run(inputs, max_tokens, 0.0, 1.0)[0].tolist()
         return next((i + 1 for i, tok in enumerate(new) if tok in eos), len(new))
 
     one(*items[0])  # warm-up, untimed, as the server gets one before its levels
@@ -158,7 +157,7 @@ def level(url: str, clients: int, items, max_tokens: int, seconds: float) -> dic
             "tps": sum(r[2] for r in results) / wall, "ttft": [r[0] for r in results], "latency": [r[1] for r in results]}
 
 
-def start_server(model: str, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, max_batch: int, decode: str = "auto") -> tuple[subprocess.Popen, str]:
     import httpx
 
     with socket.socket() as s:
@@ -168,7 +167,7 @@ def start_server(model: str, max_batch: int) -> tuple[subprocess.Popen, str]:
     env.pop("VLMKIT_API_KEY", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "vlmkit.cli", "serve", "--model", model, "--port", str(port), "--max-batch", str(max_batch),
-         "--max-queue", "256"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "--max-queue", "256", "--decode", decode], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -202,6 +201,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per client: a level sends requests x clients (default 16)")
     parser.add_argument("--seconds", type=float, default=60, help="time bound of each level (default 60)")
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request (default 32)")
+    parser.add_argument("--decode", default="auto", help="the engine's and server's --decode (default auto; "
+                        "transformers: dynamic batching over generate)")
     parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default 32)")
     args = parser.parse_args()
 
@@ -210,8 +211,8 @@ def main() -> None:
         if model in ("tiny", "default"):
             model = str((tiny_model if model == "tiny" else default_model)(Path(tmp)))
         items = workload(args.requests * max(args.clients))
-        rows = [serial_engine(model, items[: args.requests], args.max_tokens, args.seconds)]
-        proc, url = start_server(model, args.max_batch)
+        rows = [serial_engine(model, items[: args.requests], args.max_tokens, args.seconds, args.decode)]
+        proc, url = start_server(model, args.max_batch, args.decode)
         try:
             level(url, 1, items[:2], args.max_tokens, args.seconds)  # warm-up
             for clients in args.clients:
@@ -221,7 +222,7 @@ def main() -> None:
             proc.wait(timeout=30)
     import torch
 
-    print(f"model: {args.model}; max_tokens {args.max_tokens}; server --max-batch {args.max_batch}; "
+    print(f"model: {args.model}; --decode {args.decode}; max_tokens {args.max_tokens}; server --max-batch {args.max_batch}; "
           f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
     print(table(rows))
