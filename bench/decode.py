@@ -2,8 +2,10 @@
 
 In one process, on the bare language model (default: SmolLM2-135M-Instruct, the quickstart's LM) and,
 with `--model`, on a VLM (one image + a question):
-  - tokens/s of transformers' `generate` (dynamic cache) in fp32 and in bf16, and of vlmkit's decoder in
-    each precision (fp32, bf16, int8, int4), at batch 1 and 8, every row forced to `--tokens` new tokens;
+  - decode tokens/s of transformers' `generate` (dynamic cache) in fp32 and in bf16, and of vlmkit's decoder
+    in each precision (fp32, bf16, int8, int4), at batch 1 and 8, every row forced to `--tokens` new
+    tokens; the prompt's prefill is timed apart and left out, as llama.cpp's `llama-bench -n` leaves it
+    out: rate = rows x (tokens - 1) / (time for `tokens` - time for 1 token);
   - the decoder's setup time (weights converted once per process) and the VLM's prefill time;
   - the quality cost of each precision: the LM's loss on a plain English paragraph (teacher forcing
     through the same decode step), and with `--eval-data` the VLM's held-out exact match;
@@ -64,6 +66,13 @@ def timed(fn, repeats: int = 2) -> float:
     return best
 
 
+def rate(run, rows: int, n_tokens: int, repeats: int) -> tuple[float, float]:
+    """(decode tokens/s, prefill + first token seconds) of `run(max_new_tokens)`."""
+    first = timed(lambda: run(1), repeats)
+    full = timed(lambda: run(n_tokens), repeats)
+    return rows * (n_tokens - 1) / max(full - first, 1e-9), first
+
+
 def lm_rows(lm, tokenizer, n_tokens: int, batches: list[int], repeats: int) -> tuple[list[dict], dict]:
     """Tokens/s of each path on the bare LM; also each decoder's setup seconds."""
     tokenizer.padding_side = "left"
@@ -79,17 +88,20 @@ def lm_rows(lm, tokenizer, n_tokens: int, batches: list[int], repeats: int) -> t
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
                  for t in (PROMPTS * 2)[:b]]
         inputs = dict(tokenizer(texts, return_tensors="pt", padding=True))
-        forced = dict(max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        def forced(n):
+            return dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+        def row(path, precision, run):
+            tok_s, prefill = rate(run, b, n_tokens, repeats)
+            rows.append({"model": "LM", "batch": b, "path": path, "precision": precision, "tok_s": tok_s, "prefill_ms": prefill * 1000})
+
         with torch.inference_mode():
-            t = timed(lambda: lm.generate(**inputs, **forced), repeats)
-            rows.append({"model": "LM", "batch": b, "path": "transformers generate", "precision": "fp32", "tok_s": b * n_tokens / t})
+            row("transformers generate", "fp32", lambda n: lm.generate(**inputs, **forced(n)))
             if lm_bf16 is None:
                 lm_bf16 = _bf16_copy(lm)
-            t = timed(lambda: lm_bf16.generate(**inputs, **forced), repeats)
-            rows.append({"model": "LM", "batch": b, "path": "transformers generate", "precision": "bf16", "tok_s": b * n_tokens / t})
+            row("transformers generate", "bf16", lambda n: lm_bf16.generate(**inputs, **forced(n)))
             for p, dec in decoders.items():
-                t = timed(lambda: decode(dec, lm, inputs, n_tokens, set(), tokenizer.pad_token_id), repeats)
-                rows.append({"model": "LM", "batch": b, "path": "vlmkit decoder", "precision": p, "tok_s": b * n_tokens / t})
+                row("vlmkit decoder", p, lambda n, dec=dec: decode(dec, lm, inputs, n, set(), tokenizer.pad_token_id))
     return rows, setup
 
 
@@ -132,15 +144,14 @@ def vlm_rows(folder: str, n_tokens: int, repeats: int, eval_data: str | None, ev
         pad = vlm.processor.tokenizer.pad_token_id
         with torch.inference_mode():
             if path == "transformers":
-                forced = dict(max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False, pad_token_id=pad)
-                t = timed(lambda: vlm.model.generate(**inputs, **forced), repeats)
-                prefill = timed(lambda: vlm.model(**inputs, use_cache=True, logits_to_keep=1), repeats)
+                def run(n):
+                    return vlm.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
             else:
-                dec = engine.decoder()
-                t = timed(lambda: decode(dec, vlm.model, inputs, n_tokens, set(), pad), repeats)
-                prefill = timed(lambda: decode(dec, vlm.model, inputs, 1, set(), pad), repeats)
+                def run(n, dec=engine.decoder()):
+                    return decode(dec, vlm.model, inputs, n, set(), pad)
+            tok_s, prefill = rate(run, 1, n_tokens, repeats)
         row = {"model": Path(folder).name, "batch": 1, "path": "transformers generate" if path == "transformers" else "vlmkit decoder",
-               "precision": "fp32" if path == "transformers" else path, "tok_s": n_tokens / t, "prefill_ms": prefill * 1000}
+               "precision": "fp32" if path == "transformers" else path, "tok_s": tok_s, "prefill_ms": prefill * 1000}
         if eval_data:
             with tempfile.TemporaryDirectory() as tmp:
                 data = Path(tmp) / "data.jsonl"
@@ -201,7 +212,7 @@ def main() -> None:
         rows += vlm_rows(args.model, args.tokens, args.repeats, args.eval_data, args.eval_samples)
 
     print(f"\n{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}, {args.tokens} new tokens\n")
-    print("| model | batch | path | precision | tokens/s | prefill ms | exact match |")
+    print("| model | batch | path | precision | decode tokens/s | prefill + 1st token ms | exact match |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         em = f"{r['exact_match']:.3f}" if "exact_match" in r else ""
