@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from test_distill import Scripted, noise
-from test_ui import _free_port, chromium
+import test_ui
 
 from vlmkit.data.preferences import load_preferences
 from vlmkit.data.schema import load_samples
@@ -23,6 +23,7 @@ from vlmkit.distill.run import Plan, distill
 from vlmkit.errors import VlmkitError
 
 REPO = Path(__file__).resolve().parents[1]
+browser = test_ui.browser  # the headless Chromium fixture
 CAPTIONS = ["a noisy little picture", "a small noisy square"]
 ANSWERS = ["red", "blue"]
 
@@ -95,23 +96,11 @@ def test_review_actions_write_the_datasets_and_resume(out):
 
 
 # -- in a real browser -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def browser():
-    executable = chromium()
-    if executable is None:
-        pytest.skip("no Chromium executable found (apt-get install chromium; .ci/run installs it; or set VLMKIT_CHROMIUM)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-test.txt)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, headless=True)
-        yield browser
-        browser.close()
-
-
 class ReviewServer:
     """`vlmkit review OUT` as a user starts it, on a free loopback port."""
 
     def __init__(self, out: Path):
-        self.port = _free_port()
+        self.port = test_ui._free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = dict(os.environ, PYTHONPATH=str(REPO), GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(out.parent / "gradio"))
         self.log_path = out.parent / f"review{self.port}.log"

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from vlmkit.errors import VlmkitError
-from vlmkit.io import atomic_write
+from vlmkit.io import atomic_write, cut_torn_line
 
 MANIFEST, REVIEWS, DATA, PREFERENCES = "manifest.jsonl", "reviews.jsonl", "data.jsonl", "preferences.jsonl"
 ACTIONS = ("accept", "edit", "reject")
@@ -49,13 +49,7 @@ def read_lines(path: Path, what: str) -> list[dict]:
     """The JSON lines of `path` (none if it does not exist); a torn last line is cut off the file first."""
     if not path.exists():
         return []
-    raw = path.read_bytes()
-    end = raw.rfind(b"\n") + 1
-    if end < len(raw):  # killed mid-line: drop the fragment so the file stays valid JSONL
-        print(f"{path}: removing an incomplete last line from an interrupted run", file=sys.stderr)
-        with open(path, "r+b") as f:
-            f.truncate(end)
-        raw = raw[:end]
+    raw = cut_torn_line(path)
     rows = []
     for line_no, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
         if not line.strip():

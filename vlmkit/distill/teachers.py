@@ -94,20 +94,10 @@ class ApiTeacher:
         key = os.environ.get(key_env) or "none"
         self.base_url, self.sampling, self.concurrency = base_url, sampling, max(1, concurrency)
         self.client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=2)
-        self.model = model or self._first_model()
+        from vlmkit.ui.backends import first_model
+
+        self.model = model or first_model(self.client, base_url, ("--teacher-api", "--teacher-model"))
         self.id = f"{self.model} at {base_url}"
-
-    def _first_model(self) -> str:
-        import openai
-
-        try:
-            models = list(self.client.models.list())
-        except openai.OpenAIError as e:
-            raise VlmkitError(f"--teacher-api {self.base_url}: could not list the server's models ({first_line(e)}); "
-                              "check the URL (it usually ends in /v1) and the key, or name the model with --teacher-model") from None
-        if not models:
-            raise VlmkitError(f"--teacher-api {self.base_url}: the server lists no models; name one with --teacher-model")
-        return models[0].id
 
     @property
     def params(self) -> dict:
