@@ -89,7 +89,10 @@ class ApiTeacher:
 
     def __init__(self, base_url: str, model: str | None = None, key_env: str = "OPENAI_API_KEY",
                  sampling: Sampling = Sampling(), concurrency: int = 8, timeout: float = 600.0):
-        import openai
+        try:
+            import openai
+        except ImportError:
+            raise VlmkitError("--teacher-api needs the openai client: pip install openai (or 'vlmkit[ui]')") from None
 
         key = os.environ.get(key_env) or "none"
         self.base_url, self.sampling, self.concurrency = base_url, sampling, max(1, concurrency)
