@@ -14,8 +14,8 @@ the ones the filters kept), and each model's held-out exact match. Target: the f
 accuracy, and the student reaches >= 90% of the teacher's held-out exact match. Every step's output is
 kept, and a step whose output exists is not run again (so a stopped run resumes).
 
-    python bench/distill.py [--output runs/bench-distill] [--teacher-minutes 12] [--student-minutes 8]
-                            [--images 600] [--samples 5]
+    python bench/distill.py [--output runs/bench-distill] [--teacher-minutes 12] [--student-minutes 12]
+                            [--images 800] [--samples 5] [--parallel]
 """
 
 from __future__ import annotations
@@ -110,10 +110,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/bench-distill")
     parser.add_argument("--teacher-minutes", type=float, default=12.0)
-    parser.add_argument("--student-minutes", type=float, default=8.0)
-    parser.add_argument("--images", type=int, default=600, help="unlabelled images to distill (default 600)")
+    parser.add_argument("--student-minutes", type=float, default=12.0)
+    parser.add_argument("--images", type=int, default=800, help="unlabelled images to distill (default 800)")
     parser.add_argument("--samples", type=int, default=5, help="sampled answers per question (default 5)")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--parallel", action="store_true", help="train the two students at the same time")
     args = parser.parse_args()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,9 +140,11 @@ def main() -> None:
     labels = label_accuracy(records, truth)
     n_rows = ground_truth_data(records, truth, out / "ground_truth.jsonl")
 
-    # the two students train side by side, one thread each, for the same minutes
-    wait(train(distilled / "data.jsonl", out / "student", args.student_minutes),
-         train(out / "ground_truth.jsonl", out / "student_gt", args.student_minutes))
+    # the two students train for the same minutes, one after the other (or side by side, one thread each)
+    student = train(distilled / "data.jsonl", out / "student", args.student_minutes)
+    if not args.parallel:
+        wait(student)
+    wait(student, train(out / "ground_truth.jsonl", out / "student_gt", args.student_minutes))
     runs = {
         "teacher (2000 labelled images)": ("teacher", train_file),
         f"student on {n_rows} distilled labels": ("student", distilled / "data.jsonl"),
