@@ -162,7 +162,7 @@ def distill(teacher, images: list[Path], output: str | os.PathLike, plan: Plan, 
         else:
             todo.append(path)
     bar = tqdm(total=len(todo), desc="distilling", unit="image", file=sys.stderr, disable=len(todo) < 2)
-    params = {"temperature": plan.temperature, **teacher.params}
+    teacher_info = {"id": teacher.id, "temperature": plan.temperature, **teacher.params}
     for start in range(0, len(todo), images_per_batch):
         chunk = todo[start : start + images_per_batch]
         loaded = []
@@ -171,40 +171,10 @@ def distill(teacher, images: list[Path], output: str | os.PathLike, plan: Plan, 
                 loaded.append((str(path), load_image(path), mf.file_sha256(path)))
             except (VlmkitError, OSError) as e:
                 result.unreadable.append((str(path), str(e)))
-        prompts = {image: plan.fixed_prompts(image) for image, _, _ in loaded}
-        if plan.proposing and loaded:
-            asks = [Request(im, "propose", PROPOSE.format(n=plan.propose)) for _, im, _ in loaded]
-            for (image, _, _), text in zip(loaded, teacher.reply(asks)):
-                prompts[image] += [("qa", q) for q in parse_proposals(text, plan.propose)]
-        requests, owners = [], []
-        for image, im, sha in loaded:
-            for task, prompt in prompts[image]:
-                for s in range(plan.samples):
-                    rid = mf.pair_id(image, task, prompt, s)
-                    requests.append(Request(im, task, prompt, plan.temperature, seed + int(rid[:7], 16), s))
-                    owners.append((image, sha, task, prompt, s, rid))
-        replies = teacher.reply(requests) if requests else []
+        answers = ask(teacher, plan, loaded, seed)
         rows = []
         for image, _, sha in loaded:
-            group = [(o, r) for o, r in zip(owners, replies) if o[0] == image]
-            by_prompt: dict[tuple, list] = {}
-            for o, r in group:
-                by_prompt.setdefault((o[2], o[3]), []).append((o, r))
-            image_rows = []
-            for (task, prompt), items in by_prompt.items():
-                texts = [r for _, r in items]
-                reasons = judge(texts, task, sha, prompt, task == "qa" and plan.samples > 1, filters, seen)
-                for ((_, _, _, _, s, rid), text), why in zip(items, reasons):
-                    image_rows.append({"id": rid, "image": image, "sha256": sha, "task": task, "prompt": prompt, "sample": s,
-                                       "teacher": {"id": teacher.id, **params}, "reply": text,
-                                       "status": "dropped" if why else "kept", "reasons": why})
-            if not image_rows:  # nothing to ask (a proposal without questions): one record says so
-                image_rows.append({"id": mf.pair_id(image, "none", "", 0), "image": image, "sha256": sha, "task": "none",
-                                   "prompt": "", "sample": 0, "teacher": {"id": teacher.id, **params}, "reply": "",
-                                   "status": "dropped", "reasons": ["no_questions"]})
-            for r in image_rows:
-                r["of"] = len(image_rows)
-            rows += image_rows
+            rows += image_records(image, sha, answers[image], teacher_info, plan, filters, seen)
         mf.append_lines(out / mf.MANIFEST, rows)
         records += rows
         result.done += len(loaded)
@@ -217,3 +187,44 @@ def distill(teacher, images: list[Path], output: str | os.PathLike, plan: Plan, 
     summarise(out, records, result.unreadable)
     write_sheet(out, records, size=sheet_size, seed=seed)
     return result
+
+
+def ask(teacher, plan: Plan, loaded: list[tuple], seed: int) -> dict[str, list[tuple]]:
+    """Every prompt about each loaded (path, image, sha256), `plan.samples` times, in one call to the teacher
+    (after one to propose questions, when it proposes them): path -> [(task, prompt, sample, id, reply)]."""
+    prompts = {image: plan.fixed_prompts(image) for image, _, _ in loaded}
+    if plan.proposing and loaded:
+        asks = [Request(im, "propose", PROPOSE.format(n=plan.propose)) for _, im, _ in loaded]
+        for (image, _, _), text in zip(loaded, teacher.reply(asks)):
+            prompts[image] += [("qa", q) for q in parse_proposals(text, plan.propose)]
+    requests, owners = [], []
+    for image, im, _ in loaded:
+        for task, prompt in prompts[image]:
+            for s in range(plan.samples):
+                rid = mf.pair_id(image, task, prompt, s)
+                requests.append(Request(im, task, prompt, plan.temperature, seed + int(rid[:7], 16), s))
+                owners.append((image, task, prompt, s, rid))
+    answers: dict[str, list[tuple]] = {image: [] for image, _, _ in loaded}
+    for (image, *rest), reply in zip(owners, teacher.reply(requests) if requests else []):
+        answers[image].append((*rest, reply))
+    return answers
+
+
+def image_records(image: str, sha: str, answers: list[tuple], teacher_info: dict, plan: Plan, filters: Filters,
+                  seen: set) -> list[dict]:
+    """One image's manifest records, each reply judged with the others to the same prompt."""
+    by_prompt: dict[tuple, list] = {}
+    for task, prompt, s, rid, reply in answers:
+        by_prompt.setdefault((task, prompt), []).append((s, rid, reply))
+    rows = []
+    for (task, prompt), items in by_prompt.items():
+        reasons = judge([r for _, _, r in items], task, sha, prompt, task == "qa" and plan.samples > 1, filters, seen)
+        for (s, rid, reply), why in zip(items, reasons):
+            rows.append({"id": rid, "image": image, "sha256": sha, "task": task, "prompt": prompt, "sample": s,
+                         "teacher": teacher_info, "reply": reply, "status": "dropped" if why else "kept", "reasons": why})
+    if not rows:  # nothing to ask (a proposal without questions): one record says so
+        rows.append({"id": mf.pair_id(image, "none", "", 0), "image": image, "sha256": sha, "task": "none", "prompt": "",
+                     "sample": 0, "teacher": teacher_info, "reply": "", "status": "dropped", "reasons": ["no_questions"]})
+    for r in rows:
+        r["of"] = len(rows)
+    return rows
