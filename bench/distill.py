@@ -50,7 +50,8 @@ def train(data: Path, output: Path, minutes: float) -> subprocess.Popen | None:
     if (output / "train_summary.json").exists():
         return None
     log = open(output.with_suffix(".log"), "w")
-    return subprocess.Popen(command("train", "--data", str(data), "--output", str(output), f"max_minutes={minutes}"),
+    budget = [f"max_minutes={minutes}"] if minutes else []  # 0: the recipe's own number of steps
+    return subprocess.Popen(command("train", "--data", str(data), "--output", str(output), *budget),
                             env=env(), stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -110,7 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/bench-distill")
     parser.add_argument("--teacher-minutes", type=float, default=12.0)
-    parser.add_argument("--student-minutes", type=float, default=12.0)
+    parser.add_argument("--student-minutes", type=float, default=12.0,
+                        help="each student's training budget (default 12); 0: the recipe's defaults (3 epochs here)")
     parser.add_argument("--images", type=int, default=800, help="unlabelled images to distill (default 800)")
     parser.add_argument("--samples", type=int, default=5, help="sampled answers per question (default 5)")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -135,8 +137,8 @@ def main() -> None:
             str(args.temperature), "--max-new-tokens", "24", "--batch-size", "16", "--output", str(distilled))
     from vlmkit.distill.manifest import load_manifest
 
-    records = load_manifest(distilled)
-    truth = {os.path.abspath(folder / t["image"]): t["answer"] for t in truth_rows}
+    records = [dict(r, image=os.path.realpath(r["image"])) for r in load_manifest(distilled)]
+    truth = {os.path.realpath(folder / t["image"]): t["answer"] for t in truth_rows}
     labels = label_accuracy(records, truth)
     n_rows = ground_truth_data(records, truth, out / "ground_truth.jsonl")
 
