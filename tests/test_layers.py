@@ -21,7 +21,7 @@ LAYERS = [
     {"vlmkit.train", "vlmkit.infer", "vlmkit.export"},
     {"vlmkit.eval"},
     {"vlmkit.inspect", "vlmkit.quickstart", "vlmkit.ui"},
-    {"vlmkit.serve"},
+    {"vlmkit.serve", "vlmkit.distill"},
     {"vlmkit.cli", "vlmkit"},
 ]
 

@@ -177,6 +177,37 @@ def cmd_ui(args) -> None:
     )
 
 
+def cmd_distill(args) -> None:
+    from vlmkit.distill.filters import Filters
+    from vlmkit.distill.report import summary_text
+    from vlmkit.distill.run import Plan, distill, read_questions
+    from vlmkit.distill.teachers import ApiTeacher, LocalTeacher, Sampling
+    from vlmkit.infer.tasks import collect_images
+
+    if bool(args.teacher) == bool(args.teacher_api):
+        raise VlmkitError("give --teacher MODEL (a model folder or hub id) or --teacher-api URL, one of them")
+    images = [Path(os.path.abspath(p)) for p in collect_images(args.images)]  # bad paths fail before a model loads
+    questions = read_questions(args.questions, images) if args.questions else {}
+    plan = Plan(tuple(t.strip() for t in args.tasks.split(",") if t.strip()), questions, args.questions,
+                args.propose, args.samples, args.temperature)
+    filters = Filters.of(args.min_words, args.max_words, args.min_agreement)
+    sampling = Sampling(args.max_new_tokens, args.top_p)
+    if args.teacher_api:
+        teacher = ApiTeacher(args.teacher_api, args.teacher_model, args.teacher_key_env, sampling, args.batch_size)
+    else:
+        teacher = LocalTeacher.load(args.teacher, sampling, args.batch_size, args.decode)
+    result = distill(teacher, images, args.output, plan, filters, images_per_batch=args.batch_size, seed=args.seed)
+    summary = json.loads((Path(args.output) / "summary.json").read_text())
+    print(f"{result.done} images done now, {result.skipped} already done, {len(result.unreadable)} unreadable", file=sys.stderr)
+    print(summary_text(summary, Path(args.output)))
+
+
+def cmd_review(args) -> None:
+    from vlmkit.distill.review_app import launch
+
+    launch(args.folder, host=args.host, port=args.port)
+
+
 def cmd_eval(args) -> None:
     if args.task in ("retrieval", "zeroshot"):
         _eval_dual_encoder(args)
@@ -412,6 +443,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="the settings panel's starting value (default 256)")
     _add_decode(p)
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("distill", help="label a folder of images with a teacher VLM: filtered SFT data, resumable",
+                       description="A teacher (a model folder, LoRA run or hub id, or an OpenAI-compatible API) captions, "
+                       "answers and reads each image; every reply goes through the automatic filters (empty, length, "
+                       "refusal, repetition, non-text, self-consistency, duplicates) and into OUT/manifest.jsonl; the kept "
+                       "ones make OUT/data.jsonl for `vlmkit train`. A re-run resumes; unreadable images are listed and "
+                       "skipped. Then `vlmkit review OUT`. Docs: docs/distill.md.")
+    p.add_argument("--teacher", help="teacher model: a vlmkit run, a LoRA run, a transformers VLM folder or hub id")
+    p.add_argument("--teacher-api", metavar="URL", help="or an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--teacher-model", help="the model's name at --teacher-api (default: the first it lists)")
+    p.add_argument("--teacher-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the API key (default OPENAI_API_KEY; none needed if unset)")
+    p.add_argument("--images", nargs="+", required=True, help="image files and/or folders (searched recursively)")
+    p.add_argument("--tasks", default="caption", help="comma-separated: caption, qa, ocr (default caption)")
+    p.add_argument("--questions", metavar="FILE", help="questions for qa: a .txt file (one a line, for every image) or "
+                   "JSONL of {\"question\"} and {\"image\", \"question\"}; without it the teacher proposes --propose questions")
+    p.add_argument("--propose", type=int, default=3, help="questions the teacher proposes per image for qa (default 3)")
+    p.add_argument("--samples", type=int, default=1, help="replies per prompt, sampled (needs --temperature > 0); for qa "
+                   "the majority answer is kept (self-consistency)")
+    p.add_argument("--output", required=True, help="folder for manifest.jsonl, data.jsonl, summary.json, sheet.html")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (and concurrent API requests; default 8)")
+    p.add_argument("--min-words", type=int, default=None, help="drop shorter replies (default: 3 for captions, 1 otherwise)")
+    p.add_argument("--max-words", type=int, default=None, help="drop longer replies (default: 1000 for ocr, 300 otherwise)")
+    p.add_argument("--min-agreement", type=float, default=0.5,
+                   help="self-consistency: the majority answer's share must be above this (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed and the contact sheet's sample (default 0)")
+    _add_sampling(p, 128)
+    _add_decode(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("review", help="review a distilled folder in the browser: accept, edit, reject, pick the better reply",
+                       description="Serve a local page (Gradio) showing each kept pair of `vlmkit distill OUT`: accept (a), "
+                       "reject (r), edit and save (Ctrl+Enter); a pairwise tab picks the better of two replies (1 / 2, "
+                       "0 skips) into OUT/preferences.jsonl for method=dpo. Every action is saved at once to "
+                       "OUT/reviews.jsonl and OUT/data.jsonl is rewritten: stop it any time and start it again.")
+    p.add_argument("folder", help="the --output folder of vlmkit distill")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7861, help="port to serve on (default 7861)")
+    p.set_defaults(func=cmd_review)
 
     p = sub.add_parser("eval", help="score a model (or predictions) on a dataset; writes a JSON report",
                        description="Score a VLM's replies (--task generate), or a dual encoder's retrieval "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -60,6 +61,18 @@ def atomic_write_folder(folder: str | os.PathLike, write: Callable[[Path], None]
         if tmp.exists():
             shutil.rmtree(tmp)
     return folder
+
+
+def cut_torn_line(path: str | os.PathLike) -> bytes:
+    """The bytes of a file appended to line by line, after cutting off a last line left half-written by
+    a killed process (said on stderr), so the file is whole lines again and appends can go on."""
+    raw = Path(path).read_bytes()
+    end = raw.rfind(b"\n") + 1
+    if end < len(raw):
+        print(f"{path}: removing an incomplete last line from an interrupted run", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return raw[:end]
 
 
 def save_pretrained_atomic(model, processor, folder: str | os.PathLike, state_dict: dict | None = None) -> Path:

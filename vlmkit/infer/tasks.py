@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from vlmkit.data.images import load_image
 from vlmkit.data.messages import user_turn
 from vlmkit.errors import VlmkitError
+from vlmkit.io import cut_torn_line
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -57,13 +58,7 @@ def read_done(output: Path) -> set[str]:
     """Images already answered in `output`; a torn last line is removed first."""
     if not output.exists():
         return set()
-    raw = output.read_bytes()
-    end = raw.rfind(b"\n") + 1
-    if end < len(raw):  # killed mid-line: drop the fragment so the file stays valid JSONL
-        print(f"{output}: removing an incomplete last line from an interrupted run", file=sys.stderr)
-        with open(output, "r+b") as f:
-            f.truncate(end)
-        raw = raw[:end]
+    raw = cut_torn_line(output)  # killed mid-line: the fragment goes, so the file stays valid JSONL
     done = set()
     for line_no, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
         if not line.strip():

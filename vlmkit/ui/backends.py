@@ -95,22 +95,8 @@ class ApiBackend:
         self.base_url = base_url
         key = api_key or os.environ.get("OPENAI_API_KEY") or "none"  # local servers often want no key
         self.client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
-        self.model = model or self._first_model()
+        self.model = model or first_model(self.client, base_url)
         self.name = f"{self.model} at {base_url}"
-
-    def _first_model(self) -> str:
-        import openai
-
-        try:
-            models = list(self.client.models.list())
-        except openai.OpenAIError as e:
-            raise VlmkitError(
-                f"--api-base {self.base_url}: could not list the server's models ({first_line(e)}); check the URL "
-                "(it usually ends in /v1) and the key, or name the model with --model"
-            ) from None
-        if not models:
-            raise VlmkitError(f"--api-base {self.base_url}: the server lists no models; name one with --model")
-        return models[0].id
 
     def stream(self, messages: list[dict], images: list, settings: Settings, stop: Event | None = None) -> Iterator[str]:
         import openai
@@ -132,6 +118,22 @@ class ApiBackend:
 
     def sees(self, messages: list[dict], images: list):
         return None
+
+
+def first_model(client, base_url: str, flags: tuple[str, str] = ("--api-base", "--model")) -> str:
+    """The first model an OpenAI-compatible server lists; `flags` name the URL's and the model's options in errors."""
+    import openai
+
+    try:
+        models = list(client.models.list())
+    except openai.OpenAIError as e:
+        raise VlmkitError(
+            f"{flags[0]} {base_url}: could not list the server's models ({first_line(e)}); check the URL "
+            f"(it usually ends in /v1) and the key, or name the model with {flags[1]}"
+        ) from None
+    if not models:
+        raise VlmkitError(f"{flags[0]} {base_url}: the server lists no models; name one with {flags[1]}")
+    return models[0].id
 
 
 def openai_messages(messages: list[dict], images: list) -> list[dict]:
