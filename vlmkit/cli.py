@@ -107,6 +107,7 @@ def _conversation(args) -> tuple[list[dict], list[str]]:
 
 
 def cmd_generate(args) -> None:
+    conversation = None if args.batch else _conversation(args)  # a bad --messages file fails before the model loads
     engine = _load_engine(args.model, args.decode)
     opts = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if args.batch:
@@ -124,7 +125,7 @@ def cmd_generate(args) -> None:
         for reply in engine.generate(convs, images, batch_size=args.batch_size, progress=True, **opts):
             print(json.dumps({"prediction": reply}))
         return
-    messages, images = _conversation(args)
+    messages, images = conversation
     for piece in engine.stream(messages, images, **opts):
         print(piece, end="", flush=True)
     print()

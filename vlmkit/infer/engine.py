@@ -268,7 +268,7 @@ def choose_decode(model, device: torch.device, asked: str = "auto") -> tuple[str
     if device.type != "cpu":
         return "transformers", f"on {device.type}, transformers' generate"
     if cpu_has_bf16() and int8_available():
-        return "int8", "a CPU with bf16 units: int8 weights, bf16 activations (docs/decode.md)"
+        return "int8", "a CPU with bf16 units: int8 weights, bf16 activations, see docs/decode.md"
     return "fp32", "a CPU without bf16 units: fp32 weights"
 
 
