@@ -2,7 +2,7 @@
 teacher, loaded here and behind `vlmkit serve` (the same rows), a run killed mid-way and resumed (the same
 manifest as an uninterrupted run), torn and half-written images repaired, bad images listed and skipped;
 and the pipeline's bookkeeping (self-consistency, duplicates, proposed questions) with a scripted teacher
-whose replies the test chooses."""
+whose replies the test chooses; image-text similarity (--scorer) with a tiny random dual encoder."""
 
 import json
 import os
@@ -195,6 +195,123 @@ def test_questions_file_and_settings(tmp_path, images):
     distill(teacher, paths[:1], tmp_path / "out", Plan())
     with pytest.raises(VlmkitError, match="distilled with other settings \\(samples, temperature differ"):
         distill(teacher, paths[:1], tmp_path / "out", Plan(samples=2, temperature=0.5))
+
+
+# -- image-text similarity with a dual encoder (--scorer) ----------------------------------------------
+@pytest.fixture(scope="module")
+def scorer_dir(parts, tmp_path_factory):
+    """A tiny random dual encoder (CLIP tower, Llama text encoder: its byte-level tokenizer gives every text its
+    own tokens), saved as `vlmkit train objective=contrastive` saves it."""
+    from vlmkit.model.dual_encoder import create_dual_encoder
+
+    root = tmp_path_factory.mktemp("scorer")
+    model, processor = create_dual_encoder(parts["clip"], parts["llama"], 8)
+    model.save(root / "run" / "model", processor)
+    return root / "run"
+
+
+# a reply per image (by its width), so that a resumed run's teacher answers as the first did
+CAPTIONS = {40: "a red circle on the left", 44: "two blue squares in the middle", 48: "a handwritten digit seven",
+            52: "a yellow triangle on the right"}
+
+
+def by_width(r):
+    return CAPTIONS[r.image.width] if r.task == "caption" else ["red", "blue", "green", "purple"][(r.image.width - 40) // 4]
+
+
+def direct_similarity(scorer_dir, image: str, text: str) -> float:
+    from vlmkit.model.dual_encoder import load_dual_encoder
+    from vlmkit.retrieval.encode import embed_images, embed_texts
+
+    model, processor = load_dual_encoder(scorer_dir)
+    return float(embed_images(model, processor, [image])[0][0] @ embed_texts(model, processor, [text])[0])
+
+
+def test_similarity_is_the_dual_encoders_cosine(tmp_path, images, scorer_dir):
+    from vlmkit.distill.scorer import Scorer
+
+    paths = image_list(images)
+    plan = Plan(("caption", "qa"), {"": ["What colour is it?"]}, "q.txt")
+    distill(Scripted(by_width), paths, tmp_path / "out", plan, scorer=Scorer(str(scorer_dir), min_similarity=-1))
+    records = load_manifest(tmp_path / "out")
+    assert len(records) == 4 * 2 and all(r["status"] == "kept" for r in records)
+    for r in records:
+        text = r["prompt"] + " " + r["reply"] if r["task"] == "qa" else r["reply"]  # QA: the question and the answer
+        assert r["similarity"] == pytest.approx(direct_similarity(scorer_dir, r["image"], text), abs=1e-4)
+    assert len({r["similarity"] for r in records}) == 8  # each pair its own score
+    settings = json.loads((tmp_path / "out" / "distill.json").read_text())
+    assert settings["scorer"] == str((scorer_dir / "model").resolve()) and settings["min_similarity"] == -1
+    assert "similarity " in (tmp_path / "out" / "sheet.html").read_text()
+
+
+def test_replies_below_the_threshold_are_dropped(tmp_path, images, scorer_dir):
+    from vlmkit.distill.scorer import Scorer
+
+    paths = [p for p in image_list(images) if p.name.startswith("img")]
+    plan = Plan(("caption",))
+    sims = sorted(direct_similarity(scorer_dir, str(p), CAPTIONS[40 + 4 * k]) for k, p in enumerate(paths))
+    threshold = (sims[1] + sims[2]) / 2  # two replies below, two above
+    out = tmp_path / "out"
+    distill(Scripted(by_width), paths, out, plan, scorer=Scorer(str(scorer_dir), min_similarity=threshold))
+    records = load_manifest(out)
+    low = [r for r in records if r["similarity"] < threshold]
+    assert len(low) == 2 and all(r["reasons"] == ["low_similarity"] and r["status"] == "dropped" for r in low)
+    assert all(r["status"] == "kept" for r in records if r["similarity"] >= threshold)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kept"] == 2 and summary["dropped_by_reason"] == {"low_similarity": 2}
+    assert len((out / "data.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(VlmkitError, match="distilled with other settings \\(min_similarity differ"):
+        distill(Scripted(by_width), paths, out, plan, scorer=Scorer(str(scorer_dir), min_similarity=0.9))
+    with pytest.raises(VlmkitError, match="distilled with other settings \\(min_similarity, scorer differ"):
+        distill(Scripted(by_width), paths, out, plan)  # without the scorer
+
+
+def test_cli_scorer_and_its_errors(tmp_path, images, model_dir, scorer_dir, capfd):
+    from vlmkit.cli import main
+    from vlmkit.distill.scorer import Scorer
+
+    with pytest.raises(VlmkitError, match=r"--scorer \S*nowhere: no such folder; give a dual encoder"):
+        Scorer(str(tmp_path / "nowhere"))
+    with pytest.raises(VlmkitError, match=r"--scorer \S*teacher\S*: not a dual encoder \(no dual_encoder.json\); give the folder"):
+        Scorer(str(model_dir))  # a VLM, not a dual encoder
+    with pytest.raises(VlmkitError, match=r"--min-similarity 1.5: give a cosine similarity from -1 to 1"):
+        Scorer(str(tmp_path), 1.5)
+    argv = ["distill", "--teacher", str(model_dir), "--images", str(images), "--output", str(tmp_path / "out")]
+    assert main(argv + ["--scorer", str(model_dir)]) == 2
+    err = capfd.readouterr().err
+    assert f"--scorer {model_dir}: not a dual encoder" in err and "Traceback" not in err
+    assert main(argv + ["--min-similarity", "0.3"]) == 2
+    assert "--min-similarity 0.3: give --scorer R too" in capfd.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing was started
+    scored = argv + ["--scorer", str(scorer_dir), "--min-similarity", "-1", "--max-new-tokens", "4", "--min-words", "1"]
+    assert main(scored) == 0
+    records = load_manifest(tmp_path / "out")
+    assert len(records) == 4 and all(isinstance(r["similarity"], float) for r in records)
+    assert json.loads((tmp_path / "out" / "distill.json").read_text())["min_similarity"] == -1
+    assert main(scored[:-6] + ["--max-new-tokens", "4", "--min-words", "1"]) == 2  # the default threshold, 0.2
+    assert "min_similarity differ" in capfd.readouterr().err
+
+
+def test_a_killed_run_with_the_scorer_resumes_to_the_same_manifest(tmp_path, images, scorer_dir):
+    from vlmkit.distill.scorer import Scorer
+
+    paths = image_list(images)
+    plan = Plan(("caption", "qa"), {"": ["What colour is it?"]}, "q.txt")
+    scorer = Scorer(str(scorer_dir), min_similarity=0.0)
+    distill(Scripted(by_width), paths, tmp_path / "whole", plan, images_per_batch=3, scorer=scorer)
+
+    class Killed(Exception):
+        pass
+
+    def kill(n):
+        raise Killed
+
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        distill(Scripted(by_width), paths, out, plan, images_per_batch=3, scorer=scorer, after_write=kill)
+    assert 0 < len(load_manifest(out)) < 8
+    distill(Scripted(by_width), paths, out, plan, images_per_batch=2, scorer=scorer)  # other batches this time
+    assert (out / "manifest.jsonl").read_text() == (tmp_path / "whole" / "manifest.jsonl").read_text()
 
 
 # -- a real teacher, local and behind the API ---------------------------------------------------------

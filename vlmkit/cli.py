@@ -192,12 +192,20 @@ def cmd_distill(args) -> None:
     plan = Plan(tuple(t.strip() for t in args.tasks.split(",") if t.strip()), questions, args.questions,
                 args.propose, args.samples, args.temperature)
     filters = Filters.of(args.min_words, args.max_words, args.min_agreement)
+    if args.min_similarity is not None and not args.scorer:
+        raise VlmkitError(f"--min-similarity {args.min_similarity}: give --scorer R too (a dual encoder run or model folder)")
+    scorer = None
+    if args.scorer:  # before the teacher: a wrong folder fails fast
+        from vlmkit.distill.scorer import MIN_SIMILARITY, Scorer
+
+        scorer = Scorer(args.scorer, MIN_SIMILARITY if args.min_similarity is None else args.min_similarity)
     sampling = Sampling(args.max_new_tokens, args.top_p)
     if args.teacher_api:
         teacher = ApiTeacher(args.teacher_api, args.teacher_model, args.teacher_key_env, sampling, args.batch_size)
     else:
         teacher = LocalTeacher.load(args.teacher, sampling, args.batch_size, args.decode)
-    result = distill(teacher, images, args.output, plan, filters, images_per_batch=args.batch_size, seed=args.seed)
+    result = distill(teacher, images, args.output, plan, filters, images_per_batch=args.batch_size, seed=args.seed,
+                     scorer=scorer)
     summary = json.loads((Path(args.output) / "summary.json").read_text())
     print(f"{result.done} images done now, {result.skipped} already done, {len(result.unreadable)} unreadable", file=sys.stderr)
     print(summary_text(summary, Path(args.output)))
@@ -448,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="label a folder of images with a teacher VLM: filtered SFT data, resumable",
                        description="A teacher (a model folder, LoRA run or hub id, or an OpenAI-compatible API) captions, "
                        "answers and reads each image; every reply goes through the automatic filters (empty, length, "
-                       "refusal, repetition, non-text, self-consistency, duplicates) and into OUT/manifest.jsonl; the kept "
+                       "refusal, repetition, non-text, self-consistency, duplicates; image-text similarity with --scorer) and into "
+                       "OUT/manifest.jsonl; the kept "
                        "ones make OUT/data.jsonl for `vlmkit train`. A re-run resumes; unreadable images are listed and "
                        "skipped. Then `vlmkit review OUT`. Docs: docs/distill.md.")
     p.add_argument("--teacher", help="teacher model: a vlmkit run, a LoRA run, a transformers VLM folder or hub id")
@@ -469,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-words", type=int, default=None, help="drop longer replies (default: 1000 for ocr, 300 otherwise)")
     p.add_argument("--min-agreement", type=float, default=0.5,
                    help="self-consistency: the majority answer's share must be above this (default 0.5)")
+    p.add_argument("--scorer", metavar="R", help="a dual encoder (run or model folder of `vlmkit train "
+                   "objective=contrastive`): record each reply's image-text similarity and drop those below --min-similarity")
+    p.add_argument("--min-similarity", type=float, default=None, metavar="S",
+                   help="with --scorer: the cosine similarity a reply needs (default 0.2; what suits depends on the "
+                   "encoder: look at the similarities in manifest.jsonl)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed and the contact sheet's sample (default 0)")
     _add_sampling(p, 128)
     _add_decode(p)

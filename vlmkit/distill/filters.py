@@ -3,7 +3,8 @@ to drop a reply (a short name recorded in the manifest) or None to keep it.
 
 Per reply: `empty`, `too_short` / `too_long` (in words, per task), `refusal` ("I can't see the image"),
 `repetition` (a generation loop: one phrase making up most of a long reply), `non_text` (mostly symbols,
-control characters or undecodable bytes). Per group of replies to the same image and prompt:
+control characters or undecodable bytes), `low_similarity` (with `--scorer`: the image-text similarity a
+dual encoder gives the reply is below the threshold; `scorer.py` computes it). Per group of replies to the same image and prompt:
 `disagrees` / `no_agreement` (self-consistency of sampled QA answers: the majority answer is kept, the
 others dropped; with no majority all are dropped), and `duplicate` (the same text again for the same
 image, by content hash, and prompt). `judge` applies them all and lists every reason that holds.
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 from vlmkit.errors import VlmkitError
 
-REASONS = ("empty", "too_short", "too_long", "refusal", "repetition", "non_text", "disagrees", "no_agreement", "duplicate",
+REASONS = ("empty", "too_short", "too_long", "refusal", "repetition", "non_text", "low_similarity", "disagrees", "no_agreement", "duplicate",
            "no_questions")  # the last: the teacher proposed no question about the image
 
 # Phrases a model uses to decline or to claim it cannot see the image; matched case-insensitively.
@@ -119,6 +120,13 @@ def non_text(text: str, min_share: float = 0.6) -> str | None:
     return "non_text" if texty / len(stripped) < min_share else None
 
 
+def low_similarity(similarity: float | None, min_similarity: float | None) -> str | None:
+    """"low_similarity" if the reply's image-text similarity is below `min_similarity` (None: not scored)."""
+    if similarity is None or min_similarity is None:
+        return None
+    return "low_similarity" if similarity < min_similarity else None
+
+
 def reply_reasons(text: str, task: str, filters: Filters) -> list[str]:
     """Every per-reply reason to drop `text`, in the order of `REASONS`."""
     lo, hi = filters.bounds(task)
@@ -160,10 +168,14 @@ def duplicate(key: tuple, seen: set) -> str | None:
 
 
 def judge(replies: list[str], task: str, sha256: str, prompt: str, self_consistent: bool, filters: Filters,
-          seen: set) -> list[list[str]]:
-    """The reasons to drop each of the replies to one (image, prompt): per reply, then self-consistency
-    (when asked), then duplicates against `seen` (updated)."""
+          seen: set, similarities: list[float | None] | None = None, min_similarity: float | None = None) -> list[list[str]]:
+    """The reasons to drop each of the replies to one (image, prompt): per reply (with their image-text
+    `similarities`, when scored), then self-consistency (when asked), then duplicates against `seen` (updated)."""
     reasons = [reply_reasons(r, task, filters) for r in replies]
+    for found, similarity in zip(reasons, similarities or []):
+        low = low_similarity(similarity, min_similarity)
+        if low:
+            found.append(low)
     if self_consistent:
         for found, verdict in zip(reasons, consistency(replies, filters.min_agreement)):
             if verdict:

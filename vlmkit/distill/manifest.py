@@ -12,7 +12,7 @@ A manifest record:
      "prompt": "What colour is it?", "sample": 0, "of": 6, "teacher": {"id": "runs/t", "temperature": 0.7, ...},
      "reply": "red", "status": "kept", "reasons": []}
 
-`of` is how many records the image has: all of them are written in one append, and an image with fewer
+With `--scorer`, a record also holds its image-text `similarity` (`scorer.py`). `of` is how many records the image has: all of them are written in one append, and an image with fewer
 (a run killed mid-write) is removed on the next start and done again. A torn last line (killed mid-line)
 is cut off first. The two datasets are rewritten whole (temporary file, rename) from the manifest and the
 reviews, so they are never half written and can always be made again.

@@ -72,6 +72,8 @@ def write_sheet(out: Path, records: list[dict], size: int = 48, seed: int = 0) -
         if r["image"] not in thumbs:
             thumbs[r["image"]] = thumbnail(r["image"])
         verdict = "kept" if r["status"] == "kept" else "dropped: " + ", ".join(r["reasons"])
+        if r.get("similarity") is not None:
+            verdict += f" (similarity {r['similarity']:.3f})"
         cards.append(
             f'<div class="card {html.escape(r["status"])}"><img src="{thumbs[r["image"]]}" alt="">'
             f'<div class="name">{html.escape(Path(r["image"]).name)}</div>'

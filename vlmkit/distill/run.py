@@ -5,7 +5,8 @@ Per image, the prompts are the tasks' (`caption`, `ocr`: the built-in prompts; `
 `--questions`, or questions the teacher proposes about the image itself), each asked `samples` times.
 Images go to the teacher in batches; each image's records are appended to the manifest together, so a
 run killed at any moment resumes where it stopped (`manifest.py`). An unreadable image is listed and
-skipped, never replaced by another. The run's settings are saved in `OUT/distill.json`, and a re-run
+skipped, never replaced by another. With a `scorer` (`scorer.py`), each reply's image-text similarity is
+recorded and those below its threshold are dropped (`low_similarity`). The run's settings are saved in `OUT/distill.json`, and a re-run
 into the same folder must use the same ones.
 """
 
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from vlmkit.data.images import load_image
 from vlmkit.distill import manifest as mf
 from vlmkit.distill.filters import Filters, duplicate_key, judge
+from vlmkit.distill.scorer import scored_text
 from vlmkit.distill.teachers import Request
 from vlmkit.errors import VlmkitError
 from vlmkit.io import atomic_write_text
@@ -141,16 +143,17 @@ class Result:
 
 def distill(teacher, images: list[Path], output: str | os.PathLike, plan: Plan, filters: Filters = Filters(),
             images_per_batch: int = 8, seed: int = 0, sheet_size: int = 48,
-            after_write: Callable[[int], None] | None = None) -> Result:
+            after_write: Callable[[int], None] | None = None, scorer=None) -> Result:
     """Distill `images` with `teacher` into `output`; returns what this run did. `after_write(n)` is called
-    after each append with the number of records written so far (tests stop a run there)."""
+    after each append with the number of records written so far (tests stop a run there). `scorer`: a
+    `scorer.Scorer`, to record each reply's image-text similarity and drop those below its threshold."""
     from vlmkit.distill.report import summarise, write_sheet
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     filters_dict = filters.as_dict()
     check_settings(out, {"teacher": teacher.id, "teacher_params": teacher.params, **plan.as_dict(), "seed": seed,
-                         "filters": filters_dict})
+                         "filters": filters_dict, **(scorer.settings() if scorer else {})})
     records = mf.load_manifest(out)
     done = {r["image"] for r in records}
     seen = {duplicate_key(r["sha256"], r["prompt"], r["reply"]) for r in records}  # for the duplicate filter
@@ -172,9 +175,11 @@ def distill(teacher, images: list[Path], output: str | os.PathLike, plan: Plan, 
             except (VlmkitError, OSError) as e:
                 result.unreadable.append((str(path), str(e)))
         answers = ask(teacher, plan, loaded, seed)
+        scores = similarities(scorer, loaded, answers) if scorer else None
         rows = []
         for image, _, sha in loaded:
-            rows += image_records(image, sha, answers[image], teacher_info, plan, filters, seen)
+            rows += image_records(image, sha, answers[image], teacher_info, plan, filters, seen, scores,
+                                  scorer.min_similarity if scorer else None)
         mf.append_lines(out / mf.MANIFEST, rows)
         records += rows
         result.done += len(loaded)
@@ -210,15 +215,32 @@ def ask(teacher, plan: Plan, loaded: list[tuple], seed: int) -> dict[str, list[t
     return answers
 
 
+def similarities(scorer, loaded: list[tuple], answers: dict[str, list[tuple]]) -> dict[str, float | None]:
+    """Each reply's image-text similarity, by record id (None for a blank reply), scored in one call for the batch."""
+    pairs, ids, out = [], [], {}
+    for k, (image, _, _) in enumerate(loaded):
+        for task, prompt, _, rid, reply in answers[image]:
+            text = scored_text(task, prompt, reply)
+            out[rid] = None
+            if text is not None:
+                pairs.append((k, text))
+                ids.append(rid)
+    out.update(zip(ids, scorer.similarities([im for _, im, _ in loaded], pairs)))
+    return out
+
+
 def image_records(image: str, sha: str, answers: list[tuple], teacher_info: dict, plan: Plan, filters: Filters,
-                  seen: set) -> list[dict]:
-    """One image's manifest records, each reply judged with the others to the same prompt."""
+                  seen: set, scores: dict | None = None, min_similarity: float | None = None) -> list[dict]:
+    """One image's manifest records, each reply judged with the others to the same prompt; with `scores`
+    (record id -> image-text similarity) each record also holds its `similarity`."""
     by_prompt: dict[tuple, list] = {}
     for task, prompt, s, rid, reply in answers:
         by_prompt.setdefault((task, prompt), []).append((s, rid, reply))
     rows = []
     for (task, prompt), items in by_prompt.items():
-        reasons = judge([r for _, _, r in items], task, sha, prompt, task == "qa" and plan.samples > 1, filters, seen)
+        sims = [scores[rid] for _, rid, _ in items] if scores is not None else None
+        reasons = judge([r for _, _, r in items], task, sha, prompt, task == "qa" and plan.samples > 1, filters, seen,
+                        sims, min_similarity)
         for (s, rid, reply), why in zip(items, reasons):
             rows.append({"id": rid, "image": image, "sha256": sha, "task": task, "prompt": prompt, "sample": s,
                          "teacher": teacher_info, "reply": reply, "status": "dropped" if why else "kept", "reasons": why})
@@ -227,4 +249,6 @@ def image_records(image: str, sha: str, answers: list[tuple], teacher_info: dict
                      "sample": 0, "teacher": teacher_info, "reply": "", "status": "dropped", "reasons": ["no_questions"]})
     for r in rows:
         r["of"] = len(rows)
+        if scores is not None:
+            r["similarity"] = scores.get(r["id"])
     return rows
