@@ -21,8 +21,9 @@ def make_bert(folder, hidden: int = 32, seed: int = 0):
     words = ("a the of on in and left right middle red green blue yellow purple circle square triangle photo "
              "digit handwritten zero one two three four five six seven eight nine shape image").split()
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + words) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + words
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    assert "[UNK]" not in tokenizer.convert_ids_to_tokens(tokenizer("a red circle on the left.").input_ids)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=hidden * 2, max_position_embeddings=128)
