@@ -757,3 +757,12 @@ def test_a_pretrained_family_batches_to_its_serial_replies(family, decode, tmp_p
             assert (r.usage.prompt_tokens_details.image_tokens > 0) == bool(images)
     finally:
         s.close()
+
+
+def test_the_server_leaves_a_core_to_the_event_loop(capfd):
+    from vlmkit.cli import main
+    from vlmkit.serve.server import compute_threads
+
+    assert [compute_threads(n) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
+    assert main(["serve", "--model", "m", "--threads", "0"]) == 2
+    assert "--threads 0: give 1 or more" in capfd.readouterr().err

@@ -317,7 +317,9 @@ def cmd_serve(args) -> None:
         max_batch=args.max_batch, max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms,
         log_requests=args.log_requests,
     )
-    serve(args.model, settings, host=args.host, port=args.port, decode=args.decode)
+    if args.threads is not None and args.threads < 1:
+        raise VlmkitError(f"--threads {args.threads}: give 1 or more (default: every CPU core but one)")
+    serve(args.model, settings, host=args.host, port=args.port, decode=args.decode, threads=args.threads)
 
 
 def cmd_export(args) -> None:
@@ -596,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to wait for more requests before starting a batch that is not full (default 20)")
     p.add_argument("--log-requests", action="store_true",
                    help="log each request's messages and replies (off by default: only ids, token counts and times)")
+    p.add_argument("--threads", type=int, help="torch threads for the model (default: every CPU core but one, at least 1; "
+                   "the event loop needs the other)")
     _add_decode(p)
     p.set_defaults(func=cmd_serve)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 
@@ -41,13 +42,26 @@ def check_address(host: str, port: int) -> None:
         raise VlmkitError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
 
 
-def serve(model: str, settings: Settings, host: str = "127.0.0.1", port: int = 8000, decode: str = "auto") -> None:
-    """Serve `model` (anything `vlmkit generate --model` takes) until Ctrl-C."""
+def compute_threads(cores: int | None = None) -> int:
+    """Torch threads for a server: every core but one, which the event loop and the request checks need.
+
+    On 2 cores, decoding with 2 threads while the event loop wakes for every streamed token stalls both
+    threads at each step: one thread served one client 1.5x faster and 8 clients 9% faster (docs/serve.md)."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def serve(model: str, settings: Settings, host: str = "127.0.0.1", port: int = 8000, decode: str = "auto",
+          threads: int | None = None) -> None:
+    """Serve `model` (anything `vlmkit generate --model` takes) until Ctrl-C, computing on `threads`
+    torch threads (default `compute_threads()`)."""
+    import torch
     import uvicorn
 
     from vlmkit.infer.load import load
 
     check_address(host, port)  # before the model loads: a busy port should fail in a second, not a minute
+    torch.set_num_threads(threads or compute_threads())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     logger = logging.getLogger("vlmkit.serve")
