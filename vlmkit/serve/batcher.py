@@ -230,13 +230,9 @@ class Batcher:
     def _prefill(self, jobs: list[Job]) -> list[tuple[list[Choice], object]]:
         """Run the prompts of `jobs` through the model together: [(their rows, their decode state)]. A batch
         that cannot be prepared is retried job by job, so one bad request fails alone."""
-        rows = []
-        for job in jobs:
-            job.choices = [Choice(job, i) for i in range(job.sampling.n)]
-            rows.extend(job.choices)
-        engine = self.engine
+        rows, engine = self._rows(jobs), self.engine
         try:
-            inputs = engine._cast(engine.inputs([r.job.messages for r in rows], [r.job.images for r in rows]))
+            inputs = self._inputs(rows)
             with torch.inference_mode():
                 group = Rows.prefill(engine.decoder(), engine.model, inputs, max(r.job.max_tokens for r in rows))
         except Exception as e:
@@ -248,15 +244,21 @@ class Batcher:
         self.batches += 1
         return [(rows, group)]
 
-    def _run_batch(self, jobs: list[Job]) -> None:
-        rows = []
+    @staticmethod
+    def _rows(jobs: list[Job]) -> list[Choice]:
+        """One row per choice of each job, in order."""
         for job in jobs:
             job.choices = [Choice(job, i) for i in range(job.sampling.n)]
-            rows.extend(job.choices)
-        engine = self.engine
+        return [row for job in jobs for row in job.choices]
+
+    def _inputs(self, rows: list[Choice]) -> dict:
+        """The inputs Engine.generate builds, for the whole batch (left-padded)."""
+        return self.engine._cast(self.engine.inputs([r.job.messages for r in rows], [r.job.images for r in rows]))
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        rows, engine = self._rows(jobs), self.engine
         try:
-            # the inputs Engine.generate builds, for the whole batch (left-padded)
-            inputs = engine._cast(engine.inputs([r.job.messages for r in rows], [r.job.images for r in rows]))
+            inputs = self._inputs(rows)
         except Exception as e:  # each request was checked alone on arrival; find the one that breaks the batch
             if len(jobs) > 1:
                 for job in jobs:
