@@ -205,6 +205,12 @@ def test_pretrained_families_equal_transformers_or_fall_back(folders):
         assert torch.equal(got, want), family
 
 
+def test_no_new_tokens_is_a_clear_error(varied):
+    for engine in engines(varied):
+        with pytest.raises(VlmkitError, match="max_new_tokens is 0: give 1 or more"):
+            engine.generate(CONVERSATIONS[:1], MEDIA[:1], max_new_tokens=0)
+
+
 def test_choice_of_path(varied):
     assert choose_decode(varied.model, torch.device("cuda"))[0] == "transformers"
     assert choose_decode(varied.model, torch.device("cpu"), "transformers")[0] == "transformers"

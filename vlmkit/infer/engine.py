@@ -148,6 +148,8 @@ class Engine:
 
     def _run(self, inputs: dict, max_new_tokens: int, temperature: float, top_p: float, on_token=None) -> torch.Tensor:
         """New tokens (B, N) after the prompt of `inputs`, through vlmkit's decoder or `model.generate`."""
+        if max_new_tokens < 1:
+            raise VlmkitError(f"max_new_tokens is {max_new_tokens}: give 1 or more")
         decoder = self._decoder_for(inputs, max_new_tokens)
         if decoder is None:
             out = self.model.generate(**inputs, **self._gen_kwargs(max_new_tokens, temperature, top_p))
