@@ -97,3 +97,31 @@ def test_default_recipe_beats_a_constant_answer_on_held_out_images(tmp_path):
     vlm = load(summary["model"])
     report = evaluate(test_file, tmp_path / "eval.json", engine=Engine(vlm.model, vlm.processor), max_new_tokens=4)
     assert report["exact_match"] >= 0.75, report["exact_match"]  # a constant answer: 0.25
+
+
+@pytest.mark.slow
+def test_decoder_on_the_real_language_model():
+    """SmolLM2-135M-Instruct's real weights (a few seconds): vlmkit's fp32 decode loop gives transformers'
+    greedy tokens for a left-padded batch of chat prompts; int8 and int4 keep many of them."""
+    from vlmkit.model.decoder import Decoder, decode
+    from vlmkit.model.llm import load_llm
+
+    lm, tokenizer = load_llm("smollm2-135m")
+    tokenizer.padding_side = "left"
+    prompts = ["Name three colours.", "What is the capital of France? Answer in one sentence.", "Count to five."]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    inputs = dict(tokenizer(texts, return_tensors="pt", padding=True))
+    pad, n = tokenizer.pad_token_id, 24
+    with torch.inference_mode():
+        want = lm.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=pad)[:, inputs["input_ids"].shape[1]:]
+        eos = {lm.generation_config.eos_token_id} if isinstance(lm.generation_config.eos_token_id, int) else set(lm.generation_config.eos_token_id)
+        got = decode(Decoder(lm.model, lm.lm_head, lm.config, "fp32"), lm, inputs, n, eos, pad)
+        assert torch.equal(got, want), (tokenizer.batch_decode(got), tokenizer.batch_decode(want))
+        assert "Paris" in tokenizer.decode(got[1])
+        for precision in ("int8", "int4"):
+            low = decode(Decoder(lm.model, lm.lm_head, lm.config, precision), lm, inputs, n, eos, pad)
+            first = [int(torch.nonzero(row != ref).min()) if (row != ref).any() else n for row, ref in zip(low, want)]
+            # tokens until the first difference, per reply: int8 keeps every reply's opening words (a near tie
+            # later can send it elsewhere); int4 rounds more, and a reply can part at its second token
+            assert sum(first) >= n and (precision == "int4" or min(first) >= 4), (precision, first)
