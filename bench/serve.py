@@ -87,8 +87,7 @@ def serial_engine(model: str, items, max_tokens: int, seconds: float, decode: st
     from vlmkit.infer.load import load
 
     engine = load(model, decode=decode).engine
-    eos = engine.model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = engine.stop_ids()
 
     def one(image, question) -> int:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]

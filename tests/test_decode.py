@@ -227,6 +227,15 @@ def test_gpt2_falls_back_to_transformers(parts, tmp_path):
     assert path == "transformers" and "gpt2" in why
 
 
+def test_the_package_load_passes_the_decode_path(varied):
+    import vlmkit
+
+    folder = varied.name
+    assert vlmkit.load(folder, decode="bf16").engine.decode == "bf16"
+    with pytest.raises(VlmkitError, match="decode 'fp8': choose one of"):
+        vlmkit.load(folder, decode="fp8")
+
+
 def test_cli_choices_are_the_engines():
     from vlmkit.cli import DECODE, build_parser
     from vlmkit.infer.engine import DECODE_CHOICES

@@ -25,6 +25,14 @@ from vlmkit.errors import VlmkitError
 SAMPLING = Sampling(max_new_tokens=6)
 
 
+class Killed(Exception):
+    """Stands for the process being killed after a batch's records are written."""
+
+
+def kill(n):
+    raise Killed
+
+
 # -- the filters, one by one -------------------------------------------------------------------------
 def test_empty_and_length():
     assert F.empty("  \n") == "empty" and F.empty("a red circle") is None
@@ -300,12 +308,6 @@ def test_a_killed_run_with_the_scorer_resumes_to_the_same_manifest(tmp_path, ima
     scorer = Scorer(str(scorer_dir), min_similarity=0.0)
     distill(Scripted(by_width), paths, tmp_path / "whole", plan, images_per_batch=3, scorer=scorer)
 
-    class Killed(Exception):
-        pass
-
-    def kill(n):
-        raise Killed
-
     out = tmp_path / "killed"
     with pytest.raises(Killed):
         distill(Scripted(by_width), paths, out, plan, images_per_batch=3, scorer=scorer, after_write=kill)
@@ -373,12 +375,6 @@ def test_a_killed_run_resumes_to_the_same_manifest(tmp_path, images, vlm):
     paths = image_list(images)
     run_local(vlm, paths, tmp_path / "whole")
     whole = (tmp_path / "whole" / "manifest.jsonl").read_text()
-
-    class Killed(Exception):
-        pass
-
-    def kill(n):
-        raise Killed
 
     out = tmp_path / "killed"
     with pytest.raises(Killed):

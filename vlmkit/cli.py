@@ -345,6 +345,12 @@ def _add_decode(p) -> None:
                    "fp32 (token for token transformers'), bf16, int8 or int4. Figures: docs/decode.md")
 
 
+def _add_page_address(p, port: int) -> None:
+    """--host and --port of a local web page (the UI, the review page)."""
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=port, help=f"port to serve on (default {port})")
+
+
 def _yes_no(text: str) -> bool:
     value = text.strip().lower()
     if value in ("true", "yes", "1", "on"):
@@ -445,8 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-b", help="a second model for the compare tab (e.g. a base model and its LoRA run)")
     p.add_argument("--api-base", help="chat with an OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-key", help="the server's API key (default: $OPENAI_API_KEY, or none)")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    _add_page_address(p, 7860)
     p.add_argument("--share", nargs="?", const=True, default=False, type=_yes_no, metavar="true|false",
                    help="also open a public gradio.live link (default false)")
     p.add_argument("--preferences", default="preferences.jsonl",
@@ -496,8 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "0 skips) into OUT/preferences.jsonl for method=dpo. Every action is saved at once to "
                        "OUT/reviews.jsonl and OUT/data.jsonl is rewritten: stop it any time and start it again.")
     p.add_argument("folder", help="the --output folder of vlmkit distill")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7861, help="port to serve on (default 7861)")
+    _add_page_address(p, 7861)
     p.set_defaults(func=cmd_review)
 
     p = sub.add_parser("eval", help="score a model (or predictions) on a dataset; writes a JSON report",

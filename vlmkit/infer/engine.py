@@ -248,12 +248,16 @@ def language_parts(model):
     return base, model.get_output_embeddings(), config
 
 
+def check_decode(asked: str) -> None:
+    if asked not in DECODE_CHOICES:
+        raise VlmkitError(f"decode {asked!r}: choose one of {', '.join(DECODE_CHOICES)}")
+
+
 def choose_decode(model, device: torch.device, asked: str = "auto") -> tuple[str, str]:
     """(decode path, why): `transformers` or a precision of vlmkit's decoder (`fp32`, `bf16`, `int8`)."""
     from vlmkit.device import cpu_has_bf16
 
-    if asked not in DECODE_CHOICES:
-        raise VlmkitError(f"decode {asked!r}: choose one of {', '.join(DECODE_CHOICES)}")
+    check_decode(asked)
     if asked == "transformers":
         return asked, "asked for"
     base, head, config = language_parts(model)

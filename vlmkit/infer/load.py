@@ -14,7 +14,6 @@ from typing import Iterator
 import torch
 
 from vlmkit.data.messages import user_turn
-from vlmkit.errors import VlmkitError
 from vlmkit.model.families import Family, family_of
 
 
@@ -66,9 +65,8 @@ def load(name: str, device: str | None = None, dtype: torch.dtype | None = None,
     defaults to CUDA when available. `decode`: how replies are decoded (`auto`, `transformers`, or a
     precision of vlmkit's decoder: `fp32`, `bf16`, `int8`; docs/decode.md)."""
     from vlmkit.build import load as build, model_folder
-    from vlmkit.infer.engine import DECODE_CHOICES
+    from vlmkit.infer.engine import check_decode
 
-    if decode not in DECODE_CHOICES:  # before the model loads
-        raise VlmkitError(f"decode {decode!r}: choose one of {', '.join(DECODE_CHOICES)}")
+    check_decode(decode)  # before the model loads
     model, processor = build(name, device=device, dtype=dtype)
     return VLM(model, processor, name=model_folder(name), decode=decode)

@@ -266,7 +266,6 @@ class Rows:
 
     def __init__(self, decoder: Decoder, cache: KVCache, mask: torch.Tensor, next_pos: torch.Tensor, logits: torch.Tensor):
         self.decoder, self.cache, self.mask, self.next_pos, self.logits = decoder, cache, mask, next_pos, logits
-        self.padded = not bool(mask[:, : cache.length].all())
 
     @classmethod
     def prefill(cls, decoder: Decoder, model: torch.nn.Module, inputs: dict, room: int) -> "Rows":
@@ -292,7 +291,8 @@ class Rows:
         """Feed each row's next token (B,); `logits` become those of the token after it."""
         if self.cache.length == self.cache.capacity:
             self._relayout(0, 0, self.cache.length + 64)
-        mask = self.mask[:, None, None, : self.cache.length + 1] if self.padded else None
+        mask = self.mask[:, None, None, : self.cache.length + 1]
+        mask = None if bool(mask.all()) else mask  # no padding: attention without a mask, as generate
         self.logits = self.decoder.step(tokens, self.next_pos, self.cache, mask)
         self.next_pos = self.next_pos + 1
 
@@ -306,7 +306,6 @@ class Rows:
         start = int(used[0]) if len(used) else self.cache.length
         if start > 0:
             self._relayout(start, 0, self.cache.capacity - start)
-        self.padded = not bool(self.mask[:, : self.cache.length].all())
 
     def join(self, other: "Rows", room: int) -> None:
         """Add `other`'s rows after these, both groups ending at the same column, with `room` columns
@@ -319,7 +318,6 @@ class Rows:
         self.mask = torch.cat([self.mask, other.mask])
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
         self.logits = torch.cat([self.logits, other.logits])
-        self.padded = self.padded or other.padded or bool(self.mask[:, :length].logical_not().any())
 
     def _relayout(self, start: int, offset: int, capacity: int) -> None:
         """Move columns [start, length) to [offset, ...) in a cache of `capacity` columns; the mask too

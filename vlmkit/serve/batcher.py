@@ -85,9 +85,7 @@ class Batcher:
         self.engine = engine
         self.max_batch, self.max_queue, self.wait_s = max_batch, max_queue, wait_s
         self.tokenizer = engine.processor.tokenizer
-        eos = engine.model.generation_config.eos_token_id
-        eos = self.tokenizer.eos_token_id if eos is None else eos
-        self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.eos = engine.stop_ids()
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
