@@ -277,3 +277,48 @@ def test_rows_joining_and_leaving_mid_decode_keep_every_rows_tokens(varied):
             rows.step(tokens)
     assert got[0] == alone(0)[:12] and got[1] == alone(1)[:8]
     assert got[2] == alone(2)[:8] and got[3] == alone(3)[:8]
+
+
+def _prefills(vlm, precision: str, convs, media):
+    """(fp32 prefill logits through the model's forward, `precision` prefill logits on the decoder's weights)
+    for a left-padded batch, and the second alone row by row."""
+    from vlmkit.model.decoder import Rows
+
+    base, head, config = language_parts(vlm.model)
+    exact, low = Decoder(base, head, config, "fp32"), Decoder(base, head, config, precision)
+    engine = Engine(vlm.model, vlm.processor, family=vlm.family, decode="fp32")
+    with torch.inference_mode():
+        inputs = engine._cast(engine.inputs(convs, media))
+        a, b = (Rows.prefill(d, vlm.model, inputs, 4).logits for d in (exact, low))
+        alone = [Rows.prefill(low, vlm.model, engine._cast(engine.inputs(convs[i : i + 1], media[i : i + 1])), 4).logits[0]
+                 for i in range(len(convs))]
+    return a, b, torch.stack(alone)
+
+
+@pytest.mark.parametrize("precision, tolerance", [("bf16", 0.15), ("int8", 0.15), ("int4", 0.5)])
+def test_low_precision_prefill_on_the_decoders_weights_is_close_to_the_models_forward(varied, precision, tolerance):
+    """bf16/int8/int4 prefill runs the prompt (images merged by the model) on the decoder's own weights:
+    close to the fp32 forward (int4 on random weights loses more), left padding never leaks into a row
+    (batched = alone), and the cache it leaves decodes on."""
+    a, b, alone = _prefills(varied, precision, CONVERSATIONS, MEDIA)
+    assert ((a - b).norm(dim=-1) / a.norm(dim=-1)).max() < tolerance  # a wrong prefill is off by ~100%
+    assert ((alone - b).norm(dim=-1) / alone.norm(dim=-1)).max() < 0.05
+    if precision != "int4":
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
+        ref, ours = engines(varied, precision)
+        want = ref._run(ref._cast(ref.inputs(CONVERSATIONS, MEDIA)), 8, 0.0, 1.0)
+        got = ours._run(ours._cast(ours.inputs(CONVERSATIONS, MEDIA)), 8, 0.0, 1.0)
+        assert (got[:, :2] == want[:, :2]).float().mean() >= 0.75  # replies open as fp32's
+
+
+def test_low_precision_prefill_merges_images_as_each_pretrained_family(folders):
+    """The int8 prefill takes its input embeddings from the family's own forward (images merged as it
+    does it): close to the fp32 forward's logits."""
+    convs, media = [user("describe it", 1), user("and this one, in detail please", 1)], [[picture(4)], [picture(5)]]
+    for family, folder in folders.items():
+        vlm = load(folder)
+        if choose_decode(vlm.model, torch.device("cpu"))[0] == "transformers":
+            continue
+        a, b, alone = _prefills(vlm, "int8", convs, media)
+        assert ((a - b).norm(dim=-1) / a.norm(dim=-1)).max() < 0.15, family
+        assert ((alone - b).norm(dim=-1) / alone.norm(dim=-1)).max() < 0.05, family

@@ -223,6 +223,25 @@ def test_reply_targets_weigh_words_by_rarity(parts):
     assert torch.allclose(targets[1], (rare * table[6] + common * table[7]) / (rare + common), atol=1e-6)
 
 
+
+def test_reply_targets_of_data_whose_samples_all_have_several_images(parts):
+    """With fewer than two images alone in a sample, a reply counts for each of its sample's images, so
+    the default projector_init=text also starts on multi-image data (it used to refuse it)."""
+    from vlmkit.data.collate import Example
+    from vlmkit.train.initialise import reply_targets
+
+    model, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
+    end, x = 2, IGNORE_INDEX
+    examples = [
+        Example([9, 5, end], [x, 5, end], ("a.png", "b.png"), "d:1"),
+        Example([9, 6, end], [x, 6, end], ("b.png", "c.png"), "d:2"),
+    ]
+    paths, targets = reply_targets(model, examples)
+    table = model.get_input_embeddings().weight.detach()
+    assert paths == ["a.png", "b.png", "c.png"]
+    assert torch.allclose(targets[0], table[5], atol=1e-6)  # only the first sample's reply, whose end is common
+    assert torch.allclose(targets[2], table[6], atol=1e-6)
+
 def test_projector_init_text_starts_image_tokens_near_their_words(parts, shapes, tmp_path):
     from vlmkit.train.initialise import reply_targets
 

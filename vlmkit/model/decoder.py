@@ -27,6 +27,7 @@ import torch
 from torch.nn import functional as F
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
+INT8_DENSE_ROWS = 16  # from this many rows on, an int8 product is faster as a bf16 matmul of the widened weights
 INT4_GROUP = 32  # int4 weights: one scale and zero per 32 inputs of an output (as GGUF's Q4_1 blocks)
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -83,7 +84,9 @@ class _Weight:
             return F.linear(x, self.weight, self.bias)
         shape = x.shape
         x = x.reshape(-1, shape[-1]).contiguous()
-        if self.kind == "int8":
+        if self.kind == "int8" and x.shape[0] >= INT8_DENSE_ROWS:  # a prefill: the kernel reads the weights once a row
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale  # int8 values are exact in bf16
+        elif self.kind == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, INT4_GROUP, self.scale)
@@ -138,6 +141,7 @@ class Decoder:
         self.eps = config.rms_norm_eps
         # Mistral attends to the last `sliding_window` positions: the same as full attention until then
         self.window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+        self.module = decoder
         self.embed = decoder.embed_tokens.weight.detach()
         self.rotary = decoder.rotary_emb
         self.norm = decoder.norm.weight.detach().to(self.dtype)
@@ -179,16 +183,20 @@ class Decoder:
         return x * cos + rotated * sin
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """One query per row against the cache: (B, heads, 1, hd) -> (B, 1, heads*hd).
+        """Queries (B, heads, T, hd) against the cache -> (B, T, heads*hd); `mask` (B, 1, T, S) or None.
 
-        Two matmuls and a softmax, the query heads grouped by the key/value head they share. For a
-        single query this is cheaper on a CPU than `scaled_dot_product_attention`'s flash kernel
-        (measured: a third of a batch-8 step went there)."""
-        b, kv, groups = q.shape[0], self.kv_heads, self.heads // self.kv_heads
+        One query a row (a decode step): two matmuls and a softmax, the query heads grouped by the
+        key/value head they share, which is cheaper on a CPU than `scaled_dot_product_attention`'s flash
+        kernel (measured: a third of a batch-8 step went there). Several (a prefill): that kernel."""
+        b, t = q.shape[0], q.shape[2]
+        if t > 1:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+            return out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        kv, groups = self.kv_heads, self.heads // self.kv_heads
         q = q.reshape(b, kv, groups, self.head_dim)  # heads h = kv * groups + g share key/value head kv
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.head_dim**-0.5  # (B, kv, groups, T)
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.head_dim**-0.5  # (B, kv, groups, S)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, T)
+            scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S)
         probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
         out = torch.matmul(probs, values)  # (B, kv, groups, hd)
         return out.reshape(b, 1, self.heads * self.head_dim)
@@ -196,24 +204,57 @@ class Decoder:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: "KVCache", mask: torch.Tensor | None) -> torch.Tensor:
         """Logits (B, V) for one new token per row. `tokens`, `positions`: (B,); the token's keys and
         values are written at column `cache.length`; `mask` (B, 1, 1, length+1) bool or None (no padding)."""
-        x = F.embedding(tokens[:, None], self.embed).to(self.dtype)  # (B, 1, H)
-        cos, sin = self.rotary(x, positions[:, None])  # (B, 1, head_dim)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, head_dim)
-        b, t = tokens.shape[0], cache.length
+        x = F.embedding(tokens[:, None], self.embed)  # (B, 1, H)
+        return self.forward(x, positions[:, None], cache, mask)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: "KVCache", mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, V) after the last of T input embeddings `x` (B, T, H) at `positions` (B, T): their keys
+        and values are written at columns [length, length+T); `mask` (B, 1, T, length+T) bool (True: attend)
+        or None (every earlier column, no padding)."""
+        x = x.to(self.dtype)
+        cos, sin = self.rotary(x, positions)  # (B, T, head_dim)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, head_dim)
+        (b, t), start = positions.shape, cache.length
         for i, layer in enumerate(self.layers):
             h = self._rms(x, layer.norm1)
-            q = layer.q.apply(h).view(b, 1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, 1, hd)
-            k = layer.k.apply(h).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = layer.v.apply(h).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = layer.q.apply(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
+            k = layer.k.apply(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = layer.v.apply(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             if layer.q_norm is not None:
                 q, k = self._rms(q, layer.q_norm), self._rms(k, layer.k_norm)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            keys, values = cache.write(i, k, v)  # (B, kv_heads, t+1, hd)
+            keys, values = cache.write(i, k, v)  # (B, kv_heads, length+T, hd)
             x = x + layer.o.apply(self._attend(q, keys, values, mask))
             h = self._rms(x, layer.norm2)
             x = x + layer.down.apply(F.silu(layer.gate.apply(h)) * layer.up.apply(h))
-        cache.length = t + 1
-        return self.head.apply(self._rms(x, self.norm))[:, 0].float()  # (B, V)
+        cache.length = start + t
+        return self.head.apply(self._rms(x[:, -1:], self.norm))[:, 0].float()  # (B, V)
+
+    def embeds(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        """The input embeddings (B, T, H) `model`'s forward gives its language model for `inputs`, images
+        merged as the model does it: the forward runs until the language model is called, and stops."""
+        seen = {}
+
+        def catch(module, args, kwargs):
+            seen["x"] = kwargs.get("inputs_embeds")
+            if seen["x"] is None:
+                seen["x"] = module.embed_tokens(kwargs.get("input_ids", args[0] if args else None))
+            raise _Reached
+
+        hook = self.module.register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            model(**inputs, use_cache=False)
+        except _Reached:
+            pass
+        finally:
+            hook.remove()
+        if "x" not in seen:
+            raise RuntimeError(f"{type(model).__name__}'s forward did not call its language model")
+        return seen["x"]
+
+
+class _Reached(Exception):
+    """Raised inside a forward pre-hook to stop a model's forward once its language model is reached."""
 
 
 class KVCache:
@@ -239,12 +280,17 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[3]
 
+    @classmethod
+    def empty(cls, decoder: Decoder, rows: int, capacity: int, device: torch.device) -> "KVCache":
+        shape = (len(decoder.layers), rows, decoder.kv_heads, capacity, decoder.head_dim)
+        return cls(torch.zeros(shape, dtype=decoder.dtype, device=device), torch.zeros(shape, dtype=decoder.dtype, device=device), 0)
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one step's (B, kv_heads, 1, hd) keys and values at column `length`; return the filled part."""
-        t = self.length
-        self.k[layer, :, :, t : t + 1] = k
-        self.v[layer, :, :, t : t + 1] = v
-        return self.k[layer, :, :, : t + 1], self.v[layer, :, :, : t + 1]
+        """Store (B, kv_heads, T, hd) keys and values at columns [length, length+T); return the filled part."""
+        t, n = self.length, k.shape[2]
+        self.k[layer, :, :, t : t + n] = k
+        self.v[layer, :, :, t : t + n] = v
+        return self.k[layer, :, :, : t + n], self.v[layer, :, :, : t + n]
 
     def moved(self, start: int, offset: int, capacity: int) -> "KVCache":
         """A copy whose columns [start, length) sit at [offset, ...), in `capacity` columns."""
@@ -269,20 +315,30 @@ class Rows:
 
     @classmethod
     def prefill(cls, decoder: Decoder, model: torch.nn.Module, inputs: dict, room: int) -> "Rows":
-        """Run the left-padded prompts of `inputs` (the processor's output) through `model`'s own forward,
-        with the positions `generate` gives left-padded rows, and keep `room` columns for new tokens."""
+        """Run the left-padded prompts of `inputs` (the processor's output), with the positions `generate`
+        gives left-padded rows, and keep `room` columns for new tokens.
+
+        In fp32 the prompt goes through `model`'s own forward, so the cache and the first logits are
+        transformers' to the bit. In the other precisions only the image merging does (`Decoder.embeds`)
+        and the language model's part runs on the decoder's own weights: no per-call cast of the fp32
+        weights to bf16, which took half of an image prompt's prefill under autocast (docs/decode.md)."""
         attention_mask = inputs["attention_mask"]
         positions = attention_mask.long().cumsum(-1) - 1  # as generate: left padding skipped
         positions = positions.masked_fill(attention_mask == 0, 1)
-        # in the precisions that decode with bf16 activations, the prefill runs in bf16 too (autocast):
-        # 2.4x faster for a batch of 8 image prompts on a CPU with bf16 units (docs/decode.md)
-        with torch.autocast(attention_mask.device.type, dtype=torch.bfloat16, enabled=decoder.dtype == torch.bfloat16):
+        (rows, length), device = attention_mask.shape, attention_mask.device
+        if decoder.precision == "fp32":
             out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
-        length = attention_mask.shape[1]
-        cache = KVCache.from_prefill(out.past_key_values, decoder, length + room)
-        mask = torch.ones(attention_mask.shape[0], cache.capacity, dtype=torch.bool, device=attention_mask.device)
+            cache = KVCache.from_prefill(out.past_key_values, decoder, length + room)
+            logits = out.logits[:, -1].float()
+        else:
+            cache = KVCache.empty(decoder, rows, length + room, device)
+            causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            # each token sees the earlier real tokens; a padding token sees itself only (never a whole row of -inf)
+            seen = (causal & attention_mask.bool()[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)
+            logits = decoder.forward(decoder.embeds(model, inputs), positions, cache, seen[:, None])
+        mask = torch.ones(rows, cache.capacity, dtype=torch.bool, device=device)
         mask[:, :length] = attention_mask.bool()  # the new tokens are never padding
-        return cls(decoder, cache, mask, positions[:, -1] + 1, out.logits[:, -1].float())
+        return cls(decoder, cache, mask, positions[:, -1] + 1, logits)
 
     def __len__(self) -> int:
         return self.mask.shape[0]

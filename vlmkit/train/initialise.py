@@ -63,12 +63,17 @@ def reply_targets(model, examples) -> tuple[list[str], torch.Tensor]:
     """For each training image, the mean input embedding of the tokens the replies about it are trained
     on, each token weighted by its rarity (inverse document frequency over images), so that words said
     about every image ("a", the end-of-turn token) weigh nothing and the words that tell images apart
-    ("red", "circle") weigh most. Samples with several images are left out (whose words are
-    whose is unknown). Returns (image paths, (N, H) targets)."""
+    ("red", "circle") weigh most. Samples with several images are left out (which image a word is about
+    is unknown) unless fewer than two images are alone in a sample: then a reply counts for each of its
+    sample's images. Returns (image paths, (N, H) targets)."""
     said: dict[str, list[int]] = {}
-    for e in examples:
-        if len(e.images) == 1:
-            said.setdefault(e.images[0], []).extend(t for t, label in zip(e.input_ids, e.labels) if label != IGNORE_INDEX)
+    for alone in (True, False):
+        for e in examples:
+            if (len(e.images) == 1) == alone and e.images:
+                for path in e.images:
+                    said.setdefault(path, []).extend(t for t, label in zip(e.input_ids, e.labels) if label != IGNORE_INDEX)
+        if len(said) >= 2:
+            break
     counts = Counter(t for tokens in said.values() for t in set(tokens))
     idf = {t: math.log(len(said) / c) for t, c in counts.items()}
     table = model.get_input_embeddings().weight.detach().float()
@@ -88,5 +93,5 @@ def start_projector_at_text(model, examples, images: ImageSource) -> float:
         raise VlmkitError(f"projector_init=text: {type(model).__name__} is not a composed vlmkit model")
     paths, targets = reply_targets(model, examples)
     if len(paths) < 2:
-        raise VlmkitError("projector_init=text needs trained replies about at least 2 single-image samples")
+        raise VlmkitError("projector_init=text needs trained replies about at least 2 images")
     return model.fit_projector_head(features_for(model, images, paths), targets)
