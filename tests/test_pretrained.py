@@ -87,7 +87,11 @@ def test_greedy_output_and_image_tokens_equal_plain_transformers(folders, pictur
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_equals_one_by_one(folders, pictures, family):
+    # fp32: the path that equals transformers token for token; in bf16/int8 a near tie on these random
+    # weights can go another way in a batch (docs/decode.md)
     vlm = vlmkit.load(folders[family], device="cpu")
+    if vlm.engine.decode != "transformers":
+        vlm = vlmkit.load(folders[family], device="cpu", decode="fp32")
     prompts = ["What is this?", "Describe the picture in detail please.", "Colour?"]
     conversations = [[_question(p)] for p in prompts]
     media = [[pictures[i]] for i in range(3)]  # different sizes, so prompts differ in length
