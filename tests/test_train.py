@@ -298,3 +298,14 @@ def test_feature_statistics_are_set_without_cached_features(parts, shapes, tmp_p
     with torch.no_grad():
         features = model.encode_images(processor.pixel_values([load_image(p) for p in paths])).float()
     assert torch.allclose(model.feature_mean, features.mean((0, 1, 2)), atol=1e-4)
+
+
+def test_defaults_train_on_text_only_data(parts, shapes, tmp_path):
+    """projector_init=text (the default for a new composition) has nothing to fit without images: the run
+    says so and trains, rather than stopping."""
+    rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+            for w in ["cat", "dog", "sun", "sea"] * 4]
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(parts, (data, data), tmp_path / "run", "projector_init=text", "max_steps=2")
+    assert train(cfg)["steps"] == 2

@@ -37,7 +37,10 @@ def initialise_from_data(model, tokenizer, cfg: TrainConfig, examples, images: I
     if cfg.standardize_features and paths:
         stats_paths = paths if images.cache is not None else paths[:STATS_IMAGES]
         model.set_feature_stats(features_for(model, images, stats_paths))
-    if cfg.projector_init == "text":
+    if cfg.projector_init == "text" and len(paths) < 2:
+        say(f"projector_init=text: the training data has {len(paths)} image(s), nothing to fit; the projector "
+            "keeps its random start")
+    elif cfg.projector_init == "text":
         r2 = start_projector_at_text(model, examples, images)
         say(f"projector_init=text: image tokens start at the words of their replies (fit R^2 {r2:.2f})")
     if cfg.position_words and paths:
