@@ -1,10 +1,12 @@
 """A lean decode loop for Llama-like language models: the per-token step without transformers' overhead.
 
-A VLM's reply is generated in two phases. The prefill (prompt and images) runs once through the model's
-own `forward`, so every family's image merging and positions are exactly transformers'. The decode
-steps that follow see one new text token per row; `Decoder` runs them on the language model's weights
-directly: a preallocated KV cache (the prefill's keys and values copied in once), rotary embeddings from
-the model's own rotary module, attention as two matmuls, and one Python call per weight matrix.
+A VLM's reply is generated in two phases. The prefill (prompt and images) runs once: in fp32 through the
+model's own `forward`, so the cache is exactly transformers'; in the lower precisions the images still go
+through the model (every family's image merging as it is), which is stopped where it calls its language
+model, and `Decoder.forward` runs the whole prompt on its own weights. The decode steps that follow see
+one new text token per row; `Decoder` runs them on the language model's weights directly: a preallocated
+KV cache, rotary embeddings from the model's own rotary module, attention as two matmuls, and one Python
+call per weight matrix.
 
 Weights can be held in four precisions (`PRECISIONS`): `fp32` (the model's own tensors, no copy: greedy
 output token for token transformers'), `bf16` (a bf16 copy; activations in bf16), `int8` (per-output-
