@@ -97,6 +97,10 @@ def test_default_recipe_beats_a_constant_answer_on_held_out_images(tmp_path):
     vlm = load(summary["model"])
     report = evaluate(test_file, tmp_path / "eval.json", engine=Engine(vlm.model, vlm.processor), max_new_tokens=4)
     assert report["exact_match"] >= 0.75, report["exact_match"]  # a constant answer: 0.25
+    # every decode precision reads the image as fp32 does (int4 weights in the prefill once lost it)
+    scores = {d: evaluate(test_file, tmp_path / f"eval_{d}.json", engine=Engine(vlm.model, vlm.processor, decode=d),
+                          max_new_tokens=4)["exact_match"] for d in ("fp32", "bf16", "int8", "int4")}
+    assert min(scores.values()) >= scores["fp32"] - 0.1, scores
 
 
 @pytest.mark.slow
