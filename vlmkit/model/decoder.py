@@ -91,7 +91,7 @@ class _Weight:
             return F.linear(x, self.weight, self.bias)
         shape = x.shape
         x = x.reshape(-1, shape[-1]).contiguous()
-        if self.kind == "int8" and x.shape[0] >= INT8_DENSE_ROWS:  # a prefill: the kernel reads the weights once a row
+        if self.kind == "int8" and x.shape[0] >= INT8_DENSE_ROWS:  # a prefill or a wide batch: the kernel reads the weights once a row
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale  # int8 values are exact in bf16
         elif self.kind == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
@@ -275,13 +275,12 @@ class KVCache:
     def from_prefill(cls, past, decoder: Decoder, capacity: int) -> "KVCache":
         """Copy transformers' cache after the prefill (a `DynamicCache`) into a preallocated one."""
         first = past.layers[0].keys  # (B, kv_heads, T, hd)
-        shape = (len(decoder.layers), first.shape[0], decoder.kv_heads, max(capacity, first.shape[2]), decoder.head_dim)
-        k = torch.empty(shape, dtype=decoder.dtype, device=first.device)
-        v = torch.empty_like(k)
+        cache = cls.empty(decoder, first.shape[0], max(capacity, first.shape[2]), first.device)
         for i, layer in enumerate(past.layers):
-            k[i, :, :, : first.shape[2]] = layer.keys
-            v[i, :, :, : first.shape[2]] = layer.values
-        return cls(k, v, first.shape[2])
+            cache.k[i, :, :, : first.shape[2]] = layer.keys
+            cache.v[i, :, :, : first.shape[2]] = layer.values
+        cache.length = first.shape[2]
+        return cache
 
     @property
     def capacity(self) -> int:
