@@ -156,7 +156,7 @@ def level(url: str, clients: int, items, max_tokens: int, seconds: float) -> dic
             "tps": sum(r[2] for r in results) / wall, "ttft": [r[0] for r in results], "latency": [r[1] for r in results]}
 
 
-def start_server(model: str, max_batch: int, decode: str = "auto") -> tuple[subprocess.Popen, str]:
+def start_server(model: str, max_batch: int, decode: str = "auto", threads: int | None = None) -> tuple[subprocess.Popen, str]:
     import httpx
 
     with socket.socket() as s:
@@ -166,7 +166,7 @@ def start_server(model: str, max_batch: int, decode: str = "auto") -> tuple[subp
     env.pop("VLMKIT_API_KEY", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "vlmkit.cli", "serve", "--model", model, "--port", str(port), "--max-batch", str(max_batch),
-         "--max-queue", "256", "--decode", decode], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "--max-queue", "256", "--decode", decode] + (["--threads", str(threads)] if threads else []), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -203,6 +203,7 @@ def main() -> None:
     parser.add_argument("--decode", default="auto", help="the engine's and server's --decode (default auto; "
                         "transformers: dynamic batching over generate)")
     parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default 32)")
+    parser.add_argument("--threads", type=int, help="the server's --threads (default: its own, every core but one)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -211,7 +212,7 @@ def main() -> None:
             model = str((tiny_model if model == "tiny" else default_model)(Path(tmp)))
         items = workload(args.requests * max(args.clients))
         rows = [serial_engine(model, items[: args.requests], args.max_tokens, args.seconds, args.decode)]
-        proc, url = start_server(model, args.max_batch, args.decode)
+        proc, url = start_server(model, args.max_batch, args.decode, args.threads)
         try:
             level(url, 1, items[:2], args.max_tokens, args.seconds)  # warm-up
             for clients in args.clients:
@@ -221,7 +222,8 @@ def main() -> None:
             proc.wait(timeout=30)
     import torch
 
-    print(f"model: {args.model}; --decode {args.decode}; max_tokens {args.max_tokens}; server --max-batch {args.max_batch}; "
+    print(f"model: {args.model}; --decode {args.decode}; max_tokens {args.max_tokens}; server --max-batch {args.max_batch} "
+          f"--threads {args.threads or 'default'}; "
           f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
     print(table(rows))

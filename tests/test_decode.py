@@ -138,6 +138,21 @@ def test_int8_weights_round_trip_within_half_a_step():
     assert torch.allclose(q.apply(x.bfloat16()).float(), x @ w.T, rtol=0.05, atol=0.05 * float(w.abs().max()))
 
 
+def test_int8_products_of_many_rows_equal_the_kernel_row_by_row():
+    """From INT8_DENSE_ROWS rows on, an int8 product is a bf16 matmul of the int8 values' bf16 copy: the
+    same weights as the int8 kernel reads one row at a time, so the same product up to bf16 rounding."""
+    from vlmkit.model.decoder import INT8_DENSE_ROWS
+
+    w = _Weight.of(torch.randn(40, 64), torch.randn(40), "int8")
+    assert torch.equal(w.dense.float(), w.weight.float())
+    x = torch.randn(INT8_DENSE_ROWS + 3, 64).bfloat16()
+    wide = w.apply(x).float()
+    one_by_one = torch.cat([w.apply(row[None]) for row in x]).float()
+    assert torch.allclose(wide, one_by_one, rtol=0.02, atol=0.02 * float(one_by_one.abs().max()))
+    w.dense = torch.zeros_like(w.dense)  # the wide product reads the copy, and only the wide one
+    assert w.apply(x).abs().max() <= w.bias.abs().max() and torch.allclose(w.apply(x[:1]).float(), one_by_one[:1])
+
+
 def dequantized(weight: _Weight, inputs: int) -> _Weight:
     """The fp32 matrix a quantized weight stands for, read back through its own kernel."""
     bias = 0 if weight.bias is None else weight.bias

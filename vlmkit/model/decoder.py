@@ -34,7 +34,9 @@ PRECISIONS = ("fp32", "bf16", "int8", "int4")
 # and int4 (bf16 autocast). The prompt's keys and values from 4-bit weights lost the image: the quickstart
 # model's held-out exact match fell from 0.945 to 0.010 when int4 weights ran its prefill too.
 MODEL_PREFILL = ("fp32", "int4")
-INT8_DENSE_ROWS = 16  # from this many rows on, an int8 product is faster as a bf16 matmul of the widened weights
+# From this many rows on (a prefill, a wide batch), an int8 product runs as a bf16 matmul of a bf16 copy of the
+# int8 values: the int8 kernel's cost grows with every row, a bf16 matmul's barely (docs/decode.md)
+INT8_DENSE_ROWS = 16
 INT4_GROUP = 32  # int4 weights: one scale and zero per 32 inputs of an output (as GGUF's Q4_1 blocks)
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -70,6 +72,7 @@ class _Weight:
     bias: torch.Tensor | None = None
     scale: torch.Tensor | None = None  # int8: (out,) per output channel; int4: (in/32, out, 2) scales and zeros
     kind: str = "float"
+    dense: torch.Tensor | None = None  # int8: the int8 values in bf16 (exact), for INT8_DENSE_ROWS rows or more
 
     @classmethod
     def of(cls, linear_weight: torch.Tensor, bias: torch.Tensor | None, precision: str) -> "_Weight":
@@ -84,15 +87,15 @@ class _Weight:
             return _int4_weight(w, bias)
         scale = w.abs().amax(dim=1).clamp_min(1e-8) / 127.0  # symmetric, per output channel
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        return cls(q, bias, scale.to(torch.bfloat16), "int8")
+        return cls(q, bias, scale.to(torch.bfloat16), "int8", q.to(torch.bfloat16))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "float":
             return F.linear(x, self.weight, self.bias)
         shape = x.shape
         x = x.reshape(-1, shape[-1]).contiguous()
-        if self.kind == "int8" and x.shape[0] >= INT8_DENSE_ROWS:  # a prefill or a wide batch: the kernel reads the weights once a row
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scale  # int8 values are exact in bf16
+        if self.kind == "int8" and x.shape[0] >= INT8_DENSE_ROWS:
+            y = F.linear(x, self.dense) * self.scale
         elif self.kind == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
         else:
