@@ -63,6 +63,26 @@ def test_timm_tower(parts, tmp_path):
     roundtrip(model, processor, tmp_path)
 
 
+def test_builtin_cnn_reads_its_head_or_its_last_block(parts, tmp_path):
+    """vision_feature_layer -2 gives the EfficientNet's last block (320 channels, before the 1x1 head), -1 and
+    a spec saved without the key (models composed before the key existed) its head (1280)."""
+    from vlmkit.model.vision import build_vision_tower
+
+    model, processor = compose(vision="efficientnet-lite0", llm=parts["llama"], image_tokens=4, image_size=64,
+                               vision_feature_layer=-2)
+    tower = model.vision_tower
+    assert model.config.vision_hidden_size == 320 and tower.hidden_size == 320
+    pixels = processor.pixel_values([image()])
+    net = tower.net
+    blocks = net(pixels, head=False).permute(0, 2, 3, 1)
+    assert torch.equal(model.encode_images(pixels), blocks)  # the block map itself (64 px: 2x2, no pooling)
+    assert not torch.equal(net(pixels)[:, :320], net(pixels, head=False))
+    roundtrip(model, processor, tmp_path)
+    assert build_vision_tower({"kind": "efficientnet_lite0"}).hidden_size == 1280
+    with pytest.raises(VlmkitError, match="offers -1"):
+        build_vision_tower({"kind": "efficientnet_lite0", "feature_layer": -3})
+
+
 def test_image_positions_tell_the_tokens_apart_train_and_save(parts, tmp_path):
     model, processor = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4, image_positions=True)
     position = model.projector.position

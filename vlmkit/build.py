@@ -41,7 +41,7 @@ def compose(
     image_tokens: int | None = DEFAULTS.image_tokens,
     image_size: int | None = DEFAULTS.image_size,
     pixel_shuffle_factor: int = 2,
-    vision_feature_layer: int = -2,
+    vision_feature_layer: int | None = DEFAULTS.vision_feature_layer,
     norm_image_embeds: bool = DEFAULTS.norm_image_embeds,
     image_positions: bool | None = DEFAULTS.image_positions,
     column_words: bool | None = DEFAULTS.column_words,
@@ -128,7 +128,7 @@ def for_training(cfg: TrainConfig):
         model, processor = compose(
             vision=cfg.vision, llm=cfg.llm, projector=cfg.projector, image_tokens=cfg.image_tokens,
             image_size=cfg.image_size, norm_image_embeds=cfg.norm_image_embeds, image_positions=cfg.image_positions,
-            column_words=cfg.column_words, seed=cfg.seed,
+            column_words=cfg.column_words, vision_feature_layer=cfg.vision_feature_layer, seed=cfg.seed,
         )
         if cfg.method == "qlora":  # the new LM's linear layers in 4-bit NF4
             from vlmkit.model.quantize import quantize_language_model_4bit, require_qlora

@@ -78,6 +78,8 @@ def _tower_name(spec: dict) -> str:
         return f"hf {cfg.get('model_type', '?')} from {source}, features of layer {spec.get('feature_layer', -2)}"
     if kind == "timm":
         return f"timm {spec['name']}"
+    if kind == "efficientnet_lite0":
+        return f"{kind}, features of its {'last block' if spec.get('feature_layer', -1) == -2 else 'head'}"
     return kind
 
 

@@ -39,6 +39,7 @@ LITE0_STAGES = (
 )
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
+BLOCK_CHANNELS = LITE0_STAGES[-1][3]  # the last block's output, before the 1x1 head convolution
 NUM_CLASSES = 1000
 
 
@@ -114,12 +115,13 @@ class EfficientNetLite0(nn.Module):
         self.head_bn = _bn(HEAD_CHANNELS)
         self.fc = nn.Linear(HEAD_CHANNELS, NUM_CLASSES)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixels scaled as (x - 127) / 128 -> (B, 1280, ceil(H/32), ceil(W/32))."""
+    def forward(self, pixel_values: torch.Tensor, head: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) pixels scaled as (x - 127) / 128 -> (B, 1280, ceil(H/32), ceil(W/32)); with
+        `head=False` the last block's (B, 320, ...) map, before the head's 1x1 convolution."""
         x = F.relu6(self.stem_bn(self.stem_conv(pixel_values)))
         for block in self.blocks:
             x = block(x)
-        return F.relu6(self.head_bn(self.head_conv(x)))
+        return F.relu6(self.head_bn(self.head_conv(x))) if head else x
 
     def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 1000) ImageNet logits (global average pool + fc; dropout is training-only)."""

@@ -6,7 +6,7 @@ projector, in `vlm.py`) only ever sees that grid, so any tower works with any pr
 
 A tower is described by a small JSON-able `spec` saved in the model config, so a saved model rebuilds
 its tower without downloading anything:
-    {"kind": "efficientnet_lite0"}
+    {"kind": "efficientnet_lite0", "feature_layer": -1}  (-1: the head's 1280 channels; -2: the last block's 320)
     {"kind": "hf", "config": {...a transformers vision config...}, "feature_layer": -2}
     {"kind": "timm", "name": "resnet18"}
 `load_vision(name)` turns what a user typed (a built-in name, a local folder, a hub id, `timm:NAME`, or a
@@ -31,17 +31,24 @@ BUILTIN_VISION = {"efficientnet-lite0", "efficientnet_lite0"}
 
 
 class EfficientNetTower(nn.Module):
-    """The bundled ImageNet EfficientNet-Lite0: a 1280-channel map at stride 32."""
+    """The bundled ImageNet EfficientNet-Lite0: a map at stride 32, of its head's 1280 channels
+    (`feature_layer` -1, the default, and what a spec without the key means) or of its last block's 320
+    (-2: before the 1x1 head convolution, as a transformers tower's -2 is the layer before the last)."""
 
     def __init__(self, spec: dict):
         super().__init__()
-        from vlmkit.model.efficientnet_lite import EfficientNetLite0
+        from vlmkit.model.efficientnet_lite import BLOCK_CHANNELS, HEAD_CHANNELS, EfficientNetLite0
 
+        layer = spec.get("feature_layer", -1)
+        if layer not in (-1, -2):
+            raise VlmkitError(f"vision_feature_layer={layer}: the built-in EfficientNet-Lite0 offers -1 (its head) or "
+                              "-2 (its last block, before the head)")
         self.net = EfficientNetLite0()
-        self.hidden_size = self.net.hidden_size
+        self.head = layer == -1
+        self.hidden_size = HEAD_CHANNELS if self.head else BLOCK_CHANNELS
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.net(pixel_values).permute(0, 2, 3, 1)  # (B, C, h, w) -> (B, h, w, C)
+        return self.net(pixel_values, head=self.head).permute(0, 2, 3, 1)  # (B, C, h, w) -> (B, h, w, C)
 
 
 class HFTower(nn.Module):
@@ -142,12 +149,14 @@ def _hf_vision_config(name: str):
     return getattr(config, "vision_config", None) or config
 
 
-def load_vision(name: str, image_size: int | None = None, feature_layer: int = -2, pretrained: bool = True):
-    """Resolve a user's vision name: returns (spec, tower with pretrained weights, image processor)."""
+def load_vision(name: str, image_size: int | None = None, feature_layer: int | None = None, pretrained: bool = True):
+    """Resolve a user's vision name: returns (spec, tower with pretrained weights, image processor).
+    `feature_layer`: which layer's features (None: the tower's default, -1 for the built-in CNN's head,
+    -2 for a transformers tower, as LLaVA reads CLIP's second-to-last layer)."""
     if name in BUILTIN_VISION:
         from vlmkit.model.efficientnet_lite import IMAGE_MEAN, IMAGE_STD, load_efficientnet_lite0
 
-        spec = {"kind": "efficientnet_lite0"}
+        spec = {"kind": "efficientnet_lite0", "feature_layer": -1 if feature_layer is None else feature_layer}
         tower = EfficientNetTower(spec)
         if pretrained:
             tower.net = load_efficientnet_lite0()
@@ -171,7 +180,7 @@ def load_vision(name: str, image_size: int | None = None, feature_layer: int = -
 
     vision_config = _hf_vision_config(name)
     config_dict = vision_config.to_dict()
-    spec = {"kind": "hf", "config": config_dict, "feature_layer": feature_layer}
+    spec = {"kind": "hf", "config": config_dict, "feature_layer": -2 if feature_layer is None else feature_layer}
     tower = HFTower(spec)
     if pretrained:
         weights = type(tower.model).from_pretrained(name, config=vision_config)
