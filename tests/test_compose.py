@@ -58,6 +58,8 @@ def test_timm_tower(parts, tmp_path):
     timm = pytest.importorskip("timm")
     weights = tmp_path / "resnet18.pth"
     torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), weights)
+    with pytest.raises(VlmkitError, match="its own features only"):
+        compose(vision=f"timm:resnet18@{weights}", llm=parts["llama"], image_tokens=4, vision_feature_layer=-2)
     model, processor = compose(vision=f"timm:resnet18@{weights}", llm=parts["llama"], image_tokens=4, image_size=64)
     assert model.get_image_features(processor.pixel_values([image()])).shape[1] == 4
     roundtrip(model, processor, tmp_path)

@@ -163,6 +163,7 @@ def load_vision(name: str, image_size: int | None = None, feature_layer: int | N
         return spec, tower, fixed_size_processor(image_size or 224, IMAGE_MEAN, IMAGE_STD)
 
     if name.startswith("timm:"):
+        _own_features_only(name, feature_layer)
         model_name, _, weights_file = name[len("timm:") :].partition("@")
         spec = {"kind": "timm", "name": model_name}
         tower = TimmTower(spec, pretrained=pretrained, weights_file=weights_file or None)
@@ -173,6 +174,7 @@ def load_vision(name: str, image_size: int | None = None, feature_layer: int | N
     from vlmkit.model.dual_encoder import dual_encoder_vision, is_dual_encoder
 
     if is_dual_encoder(name):  # vision=RUN: the tower a contrastive run trained
+        _own_features_only(name, feature_layer)
         spec, tower, processor = dual_encoder_vision(name)
         return spec, tower, resized(processor, image_size)
 
@@ -190,6 +192,12 @@ def load_vision(name: str, image_size: int | None = None, feature_layer: int | N
     except (OSError, ValueError) as e:
         raise VlmkitError(f"vision tower {name!r}: no image processor beside it ({first_line(e)})") from None
     return spec, tower, resized(processor, image_size)
+
+
+def _own_features_only(name: str, feature_layer: int | None) -> None:
+    if feature_layer is not None:
+        raise VlmkitError(f"vision_feature_layer={feature_layer}: vision={name!r} gives its own features only (a timm "
+                          "tower its last map, a contrastive run the layer it was trained on); leave the key unset")
 
 
 def resized(processor, image_size: int | None):
