@@ -7,7 +7,8 @@ from PIL import Image
 from tiny import make_lm, make_vision
 from vlmkit.errors import VlmkitError
 from vlmkit.infer.engine import Engine
-from vlmkit.build import compose, load_model
+from vlmkit.build import compose, for_training, load_model
+from vlmkit.config import load_config
 
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}]
 
@@ -80,6 +81,9 @@ def test_builtin_cnn_reads_its_head_or_its_last_block(parts, tmp_path):
     assert torch.equal(model.encode_images(pixels), blocks)  # the block map itself (64 px: 2x2, no pooling)
     assert not torch.equal(net(pixels)[:, :320], net(pixels, head=False))
     roundtrip(model, processor, tmp_path)
+    # the training key, as `vlmkit train ... vision_feature_layer=-2` gives it, reaches the composition
+    cfg = load_config(None, [f"llm={parts['llama']}", "image_tokens=4", "image_size=64", "vision_feature_layer=-2"])
+    assert for_training(cfg)[0].config.vision["feature_layer"] == -2
     assert build_vision_tower({"kind": "efficientnet_lite0"}).hidden_size == 1280
     with pytest.raises(VlmkitError, match="offers -1"):
         build_vision_tower({"kind": "efficientnet_lite0", "feature_layer": -3})
