@@ -79,7 +79,9 @@ def _tower_name(spec: dict) -> str:
     if kind == "timm":
         return f"timm {spec['name']}"
     if kind == "efficientnet_lite0":
-        return f"{kind}, features of its {'last block' if spec.get('feature_layer', -1) == -2 else 'head'}"
+        from vlmkit.model.vision import EfficientNetTower
+
+        return f"{kind}, features of its {'head' if EfficientNetTower.reads_head(spec) else 'last block'}"
     return kind
 
 

@@ -28,6 +28,7 @@ from vlmkit.registry import Registry
 
 VISION_TOWERS = Registry("vision tower kind")
 BUILTIN_VISION = {"efficientnet-lite0", "efficientnet_lite0"}
+BUILTIN_FEATURE_LAYER = -1  # the built-in CNN's head: its layer when none is asked for, and a spec without the key
 
 
 class EfficientNetTower(nn.Module):
@@ -39,13 +40,18 @@ class EfficientNetTower(nn.Module):
         super().__init__()
         from vlmkit.model.efficientnet_lite import BLOCK_CHANNELS, HEAD_CHANNELS, EfficientNetLite0
 
-        layer = spec.get("feature_layer", -1)
+        self.net = EfficientNetLite0()
+        self.head = self.reads_head(spec)
+        self.hidden_size = HEAD_CHANNELS if self.head else BLOCK_CHANNELS
+
+    @staticmethod
+    def reads_head(spec: dict) -> bool:
+        """Whether `spec` reads the head (-1) or the last block (-2); any other layer is an error."""
+        layer = spec.get("feature_layer", BUILTIN_FEATURE_LAYER)
         if layer not in (-1, -2):
             raise VlmkitError(f"vision_feature_layer={layer}: the built-in EfficientNet-Lite0 offers -1 (its head) or "
                               "-2 (its last block, before the head)")
-        self.net = EfficientNetLite0()
-        self.head = layer == -1
-        self.hidden_size = HEAD_CHANNELS if self.head else BLOCK_CHANNELS
+        return layer == -1
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.net(pixel_values, head=self.head).permute(0, 2, 3, 1)  # (B, C, h, w) -> (B, h, w, C)
@@ -156,7 +162,7 @@ def load_vision(name: str, image_size: int | None = None, feature_layer: int | N
     if name in BUILTIN_VISION:
         from vlmkit.model.efficientnet_lite import IMAGE_MEAN, IMAGE_STD, load_efficientnet_lite0
 
-        spec = {"kind": "efficientnet_lite0", "feature_layer": -1 if feature_layer is None else feature_layer}
+        spec = {"kind": "efficientnet_lite0", "feature_layer": BUILTIN_FEATURE_LAYER if feature_layer is None else feature_layer}
         tower = EfficientNetTower(spec)
         if pretrained:
             tower.net = load_efficientnet_lite0()
