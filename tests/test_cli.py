@@ -372,7 +372,7 @@ def test_train_unknown_vision_tower_fails_fast_offline(w, capfd, tmp_path):
 # -- the installed entry points ----------------------------------------------------------------------
 def test_entry_points_exit_codes(w, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "vlmkit.cli", "--help"], capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "vlmkit", "--help"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0 and "generate" in r.stdout and "data" in r.stdout
 
     script = shutil.which("vlmkit", path=str(Path(sys.executable).parent)) or "vlmkit"

@@ -23,6 +23,7 @@ LAYERS = [
     {"vlmkit.inspect", "vlmkit.quickstart", "vlmkit.ui"},
     {"vlmkit.serve", "vlmkit.distill"},
     {"vlmkit.cli", "vlmkit"},
+    {"vlmkit.__main__"},
 ]
 
 
