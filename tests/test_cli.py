@@ -391,3 +391,16 @@ def test_data_shapes_writes_a_split_that_checks(capfd, tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 6 and all(r["messages"][0]["content"][-1] == {"type": "image"} for r in rows)
     assert run(capfd, "data", "check", path, "--no-sample")[0] == 0
+
+
+def test_quickstart_trains_about_ten_minutes_on_cpu_unless_told(capfd, monkeypatch):
+    import vlmkit.quickstart as qs
+
+    assert qs.default_minutes("cpu") == qs.CPU_MINUTES == 10 and qs.default_minutes("cuda") is None
+    asked = []
+    monkeypatch.setattr(qs, "quickstart", lambda output, minutes, overrides: asked.append((minutes, overrides)))
+    assert run(capfd, "quickstart", "--output", "x")[0] == 0
+    assert run(capfd, "quickstart", "--output", "x", "--minutes", "0", "seed=1")[0] == 0
+    from vlmkit.device import resolve_device
+
+    assert asked == [(qs.default_minutes(resolve_device().type), []), (0, ["seed=1"])]

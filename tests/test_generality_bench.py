@@ -30,3 +30,11 @@ def test_generality_trains_evaluates_and_reuses_finished_runs(parts, tmp_path, c
     stamp = (run / "result.json").stat().st_mtime_ns
     again = generality.main(argv)  # finished: read, not retrained
     assert again == rows and (run / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_named_baselines_are_training_keys():
+    from vlmkit.config import load_config
+
+    for keys in generality.BASELINES.values():  # a misspelt or removed key fails here, not after hours of runs
+        load_config(None, keys, data="d.jsonl")
+    assert load_config(None, generality.FIRST, data="d.jsonl").vision_feature_layer == -1

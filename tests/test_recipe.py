@@ -5,8 +5,8 @@ import pytest
 
 from vlmkit.config import TrainConfig, load_config
 from vlmkit.recipe import (
-    CPU_BATCH, GPU_BATCH, MAX_EPOCHS, MIN_STEPS, choose_batch_size, choose_column_words, choose_image_positions,
-    choose_image_size,
+    CPU_BATCH, GPU_BATCH, MAX_EPOCHS, MIN_STEPS, choose_batch_size, choose_column_words, choose_feature_layer,
+    choose_image_positions, choose_image_size, choose_layout,
     choose_image_tokens, choose_lr, choose_method, choose_projector_init, choose_steps, resolve, tower_grid,
 )
 
@@ -18,8 +18,17 @@ def test_method_is_lora_except_for_the_projector_alone():
 
 
 def test_learning_rate_follows_what_trains():
-    assert choose_lr(adapters=True).value == 5e-4
+    assert choose_lr(adapters=True, new_model=True).value == 1e-3  # a new projector beside new adapters
+    assert choose_lr(adapters=True, new_model=False).value == 5e-4  # adapters on a trained VLM
     assert choose_lr(adapters=False).value == 1e-4
+
+
+def test_the_builtin_cnn_is_read_before_its_head_and_other_towers_keep_theirs():
+    assert choose_feature_layer("efficientnet-lite0").value == -2
+    assert choose_feature_layer("timm:resnet18") is None  # its only features
+    assert choose_feature_layer("openai/clip-vit-base-patch32") is None  # a transformers tower's own -2
+    assert choose_layout("efficientnet-lite0", None, None, None, None)[0].value == -2
+    assert "vision_feature_layer" not in {c.key for c in choose_layout("efficientnet-lite0", None, None, None, None, -1)}
 
 
 def test_batch_size_follows_the_device():
@@ -53,8 +62,10 @@ def test_projector_init_from_replies_only_for_a_new_projector():
 
 
 @pytest.mark.parametrize("samples, per_step, steps", [
-    (2000, 4, MIN_STEPS),        # 500 a epoch: 1.5 epochs
-    (2500, 4, MIN_STEPS),        # 625 a epoch
+    (2000, 4, 3 * 500),          # 500 a epoch: three epochs, short of MIN_STEPS
+    (2500, 4, 3 * 625),
+    (4000, 4, MIN_STEPS),        # 1000 a epoch: two epochs
+    (12000, 4, 3000),            # more than MIN_STEPS: one epoch
     (100, 4, 3 * 25),            # tiny data: at most three epochs
     (40000, 4, 10000),           # large data: one epoch
     (1500, 16, 3 * 94),          # 94 a epoch: capped at three
@@ -69,11 +80,12 @@ def test_steps_follow_the_data_size(samples, per_step, steps):
 
 def test_resolve_fills_the_auto_keys_and_keeps_the_users():
     cfg, choices = resolve(TrainConfig(data="d.jsonl"), "cpu")
-    assert (cfg.method, cfg.lr, cfg.batch_size, cfg.image_size, cfg.image_tokens) == ("lora", 5e-4, 4, 192, 9)
+    assert (cfg.method, cfg.lr, cfg.batch_size, cfg.image_size, cfg.image_tokens) == ("lora", 1e-3, 4, 192, 9)
     assert (cfg.lora_r, cfg.lora_targets, cfg.projector_init, cfg.column_words, cfg.position_words) == (16, "attention", "text", True, True)
-    assert cfg.image_positions is True
+    assert cfg.image_positions is True and cfg.vision_feature_layer == -2
     assert {c.key for c in choices} == {"method", "lr", "lora_targets", "batch_size", "image_size", "image_tokens",
-                                        "image_positions", "column_words", "position_words", "projector_init"}
+                                        "image_positions", "column_words", "position_words", "projector_init",
+                                        "vision_feature_layer"}
     assert all(c.reason for c in choices)
     # a resolved config resolves to itself: what config.yaml saves trains the same way again
     again, none = resolve(cfg, "cuda")
@@ -86,13 +98,13 @@ def test_resolve_fills_the_auto_keys_and_keeps_the_users():
         "full", 3e-5, 2, 4, "random", False)
     assert cfg.image_size is None  # image_tokens set: the tower keeps its own size
     assert cfg.position_words is False  # no column words to start from
-    assert {c.key for c in choices} == {"image_positions", "position_words"}
+    assert {c.key for c in choices} == {"vision_feature_layer", "image_positions", "position_words"}
 
 
 def test_resolve_a_pretrained_model_keeps_its_layout():
     cfg, choices = resolve(TrainConfig(model="some/vlm", data="d.jsonl"), "cuda")
-    assert (cfg.method, cfg.batch_size, cfg.projector_init) == ("lora", 16, "random")
-    assert cfg.image_tokens is None and cfg.column_words is None  # the model's own processor decides
+    assert (cfg.method, cfg.lr, cfg.batch_size, cfg.projector_init) == ("lora", 5e-4, 16, "random")
+    assert cfg.image_tokens is None and cfg.vision_feature_layer is None and cfg.column_words is None  # the model's own processor decides
     assert "image_tokens" not in {c.key for c in choices}
 
 
@@ -130,7 +142,7 @@ def test_the_defaults_train_a_new_composition(parts, shapes, tmp_path, lm):
     assert recipe["steps"]["value"] == summary["steps"] == 3 * 6  # 24 samples, 6 steps an epoch, three epochs
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert (saved["method"], saved["lr"], saved["batch_size"], saved["column_words"], saved["image_positions"]) == (
-        "lora", 5e-4, 4, False, False)
+        "lora", 1e-3, 4, False, False)
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert history[-1]["loss"] < history[0]["loss"]
     model, processor = load_model(summary["model"])

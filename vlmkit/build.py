@@ -54,7 +54,9 @@ def compose(
     `column_words`: each image is laid out column by column, each column after the LM's word for it
     (" left", " right"; " left", " middle", " right" for a 3x3 grid), as SmolVLM's processor writes
     `<row_1_col_1>` before each tile, but in words the LM already knows."""
-    layout = {c.key: c.value for c in choose_layout(vision, image_size, image_tokens, image_positions, column_words)}
+    layout = {c.key: c.value for c in choose_layout(vision, image_size, image_tokens, image_positions, column_words,
+                                                    vision_feature_layer)}
+    vision_feature_layer = layout.get("vision_feature_layer", vision_feature_layer)
     image_size = layout.get("image_size", image_size)
     image_tokens = layout.get("image_tokens", image_tokens)
     image_positions = layout.get("image_positions", image_positions)

@@ -38,9 +38,11 @@ def _load_engine(model: str, decode: str = "auto"):
 
 # -- commands ---------------------------------------------------------------------------------------
 def cmd_quickstart(args) -> None:
-    from vlmkit.quickstart import quickstart
+    from vlmkit.device import resolve_device
+    from vlmkit.quickstart import default_minutes, quickstart
 
-    quickstart(args.output, minutes=args.minutes, overrides=args.overrides)
+    minutes = default_minutes(resolve_device().type) if args.minutes is None else args.minutes
+    quickstart(args.output, minutes=minutes, overrides=args.overrides)
 
 
 def cmd_train(args) -> None:
@@ -375,8 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/quickstart", help="run folder (default runs/quickstart)")
     p.add_argument("--minutes", type=float, default=None,
                    help="train for about this many minutes on this machine (max_minutes: the steps are fixed by "
-                   "timing the first ones); without it, the recipe's 750 steps of 4 (about 10 minutes on 2 CPU "
-                   "cores). Measured results: docs/experiments.md")
+                   "timing the first ones; default: 10 on CPU, on a GPU the recipe's steps); 0: the recipe's own "
+                   "steps (three epochs, 1,500 steps of 4: about 11 minutes on 2 CPU cores). Measured results: "
+                   "docs/generality.md")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides, as for `vlmkit train`")
     p.set_defaults(func=cmd_quickstart)
 

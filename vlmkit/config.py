@@ -41,7 +41,7 @@ class TrainConfig:
     column_words: bool | None = None  # lay each image out column by column, each after its word (" left", " middle", " right"); None: for 2 or 3 columns
     projector_init: str = "auto"  # auto | random | text: image tokens start at the words the replies say about them
     image_size: int | None = None  # input resolution of the tower; None: chosen with image_tokens, else the tower's own
-    vision_feature_layer: int | None = None  # the tower's layer read (-1 last, -2 the one before); None: -2 for transformers towers, -1 (the head) for the built-in CNN
+    vision_feature_layer: int | None = None  # the tower's layer read (-1 last, -2 the one before); None: -2 (recipe for the built-in CNN: its last block)
     stage: str = "sft"  # align: projector only; sft: projector + LM (full or LoRA); contrastive: projector vs the LM's words
     train_vision: bool = False
     method: str = "auto"  # auto | full | lora | qlora (4-bit base + LoRA) | dpo (preference data; LoRA if lora_r > 0)

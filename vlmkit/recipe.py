@@ -20,11 +20,12 @@ from vlmkit.data.processor import COLUMN_WORDS
 from vlmkit.device import resolve_device
 from vlmkit.errors import VlmkitError
 
-LORA_LR, FULL_LR = 5e-4, 1e-4
+LORA_LR, NEW_LORA_LR, FULL_LR = 5e-4, 1e-3, 1e-4
 CPU_BATCH, GPU_BATCH = 4, 16
 TOKENS_SIDE = 3  # image tokens per side: a 3x3 grid keeps left / middle / right and top / middle / bottom apart
-MIN_STEPS = 750  # a new projector and adapters need about this many optimizer steps...
+MIN_STEPS = 2000  # a new projector and adapters need about this many optimizer steps...
 MAX_EPOCHS = 3  # ...but no sample is seen more than three times
+PAIR_MIN_STEPS = 750  # a contrastive run (vlmkit.train.contrastive): at least this many steps and one epoch
 BUILTIN_TOWER = {"efficientnet-lite0": (224, 32), "efficientnet_lite0": (224, 32)}  # (default size, stride)
 
 
@@ -46,7 +47,9 @@ def choose_method(new_model: bool, stage: str) -> Choice:
                   "projector alone, a cheaper step and far less optimizer memory than the whole LM")
 
 
-def choose_lr(adapters: bool) -> Choice:
+def choose_lr(adapters: bool, new_model: bool = False) -> Choice:
+    if adapters and new_model:
+        return Choice("lr", NEW_LORA_LR, "a new projector and LoRA adapters both start from nothing")
     if adapters:
         return Choice("lr", LORA_LR, "LoRA adapters start at zero and take larger steps than pretrained weights")
     return Choice("lr", FULL_LR, "the LM's own weights train")
@@ -131,15 +134,28 @@ def choose_steps(samples: int, per_step: int) -> Choice:
                   f"{MIN_STEPS} steps, at most {MAX_EPOCHS} epochs)")
 
 
+def choose_feature_layer(vision: str) -> Choice | None:
+    """The built-in CNN's last block rather than its head; other towers keep their own default (a
+    transformers tower's -2, the only features of a timm tower or a contrastive run's)."""
+    if vision not in BUILTIN_TOWER:
+        return None
+    return Choice("vision_feature_layer", -2, "the CNN's last block (320 channels) before its 1x1 head, as LLaVA reads "
+                  "its ViT's second-to-last layer: far better at telling which colour belongs to which shape")
+
+
 def choose_layout(
-    vision: str, image_size: int | None, image_tokens: int | None, image_positions: bool | None, column_words: bool | None
+    vision: str, image_size: int | None, image_tokens: int | None, image_positions: bool | None, column_words: bool | None,
+    feature_layer: int | None = None,
 ) -> list[Choice]:
-    """How a new composition lays out its image tokens, for the keys left at None: the input size (only
-    when the token count is not given either), the token grid, position embeddings and column words."""
+    """How a new composition reads and lays out its image tokens, for the keys left at None: the tower's
+    layer, the input size (only when the token count is not given either), the token grid, position
+    embeddings and column words."""
     from vlmkit.model.dual_encoder import tower_name
 
-    vision = tower_name(vision)  # vision=RUN of a dual encoder: decided as for the tower it was built from
     choices = []
+    if feature_layer is None and (layer := choose_feature_layer(vision)):
+        choices.append(layer)
+    vision = tower_name(vision)  # vision=RUN of a dual encoder: decided as for the tower it was built from
     if image_size is None and image_tokens is None:
         choices.append(choose_image_size(vision))
         image_size = choices[-1].value
@@ -186,13 +202,14 @@ def resolve(cfg: TrainConfig, device_type: str | None = None) -> tuple[TrainConf
     method = values.get("method", cfg.method)
     adapters = method in ("lora", "qlora") or cfg.lora_r > 0
     if cfg.lr is None:
-        take(choose_lr(adapters))
+        take(choose_lr(adapters, new_model))
     if cfg.lora_targets == "auto" and adapters:
         take(choose_lora_targets())
     if cfg.batch_size is None:
         take(choose_batch_size(device_type))
     if new_model:
-        for choice in choose_layout(cfg.vision, cfg.image_size, cfg.image_tokens, cfg.image_positions, cfg.column_words):
+        for choice in choose_layout(cfg.vision, cfg.image_size, cfg.image_tokens, cfg.image_positions, cfg.column_words,
+                                    cfg.vision_feature_layer):
             take(choice)
         if cfg.position_words is None:
             words = values.get("column_words", cfg.column_words) and values.get("image_positions", cfg.image_positions)

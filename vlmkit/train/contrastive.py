@@ -35,7 +35,7 @@ from vlmkit.errors import VlmkitError
 from vlmkit.io import atomic_write_text
 from vlmkit.model.contrastive import positive_pairs, siglip_bias_init
 from vlmkit.model.dual_encoder import create_dual_encoder, load_dual_encoder
-from vlmkit.recipe import MIN_STEPS, Choice
+from vlmkit.recipe import PAIR_MIN_STEPS, Choice
 from vlmkit.train.batches import batches_from
 from vlmkit.train.budget import steps_for
 from vlmkit.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
@@ -235,8 +235,8 @@ class Run:
             return cfg.max_steps
         if cfg.epochs is not None:
             return max(1, math.ceil(cfg.epochs * len(self.pairs) / cfg.batch_size))
-        steps = max(MIN_STEPS, per_epoch)
-        choices.append(Choice("steps", steps, f"{len(self.pairs)} pairs, {cfg.batch_size} a step: at least {MIN_STEPS} "
+        steps = max(PAIR_MIN_STEPS, per_epoch)
+        choices.append(Choice("steps", steps, f"{len(self.pairs)} pairs, {cfg.batch_size} a step: at least {PAIR_MIN_STEPS} "
                               "steps and one epoch"))
         return steps
 
