@@ -395,12 +395,11 @@ def test_data_shapes_writes_a_split_that_checks(capfd, tmp_path):
 
 def test_quickstart_trains_about_ten_minutes_on_cpu_unless_told(capfd, monkeypatch):
     import vlmkit.quickstart as qs
+    from vlmkit.device import resolve_device
 
     assert qs.default_minutes("cpu") == qs.CPU_MINUTES == 10 and qs.default_minutes("cuda") is None
     asked = []
     monkeypatch.setattr(qs, "quickstart", lambda output, minutes, overrides: asked.append((minutes, overrides)))
     assert run(capfd, "quickstart", "--output", "x")[0] == 0
     assert run(capfd, "quickstart", "--output", "x", "--minutes", "0", "seed=1")[0] == 0
-    from vlmkit.device import resolve_device
-
     assert asked == [(qs.default_minutes(resolve_device().type), []), (0, ["seed=1"])]
