@@ -19,6 +19,7 @@ from vlmkit.config import TrainConfig
 from vlmkit.data.processor import COLUMN_WORDS
 from vlmkit.device import resolve_device
 from vlmkit.errors import VlmkitError
+from vlmkit.model.vision import BUILTIN_SIZE, BUILTIN_STRIDE, BUILTIN_VISION
 
 LORA_LR, NEW_LORA_LR, FULL_LR = 5e-4, 1e-3, 1e-4
 CPU_BATCH, GPU_BATCH = 4, 16
@@ -26,7 +27,6 @@ TOKENS_SIDE = 3  # image tokens per side: a 3x3 grid keeps left / middle / right
 MIN_STEPS = 2000  # a new projector and adapters need about this many optimizer steps...
 MAX_EPOCHS = 3  # ...but no sample is seen more than three times
 PAIR_MIN_STEPS = 750  # a contrastive run (vlmkit.train.contrastive): at least this many steps and one epoch
-BUILTIN_TOWER = {"efficientnet-lite0": (224, 32), "efficientnet_lite0": (224, 32)}  # (default size, stride)
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,9 @@ def choose_batch_size(device_type: str) -> Choice:
 def choose_image_size(vision: str) -> Choice:
     """A CNN tower's input size rounded down to a multiple of its stride x the token grid, so the feature
     grid pools evenly (each token the mean of whole cells); other towers keep their own size."""
-    if vision not in BUILTIN_TOWER:
+    if vision not in BUILTIN_VISION:
         return Choice("image_size", None, "the tower's own input size")
-    size, stride = BUILTIN_TOWER[vision]
+    size, stride = BUILTIN_SIZE, BUILTIN_STRIDE
     step = stride * TOKENS_SIDE
     even = max(step, size // step * step)
     return Choice("image_size", even, f"{even // stride}x{even // stride} features pool evenly to "
@@ -93,7 +93,7 @@ def positional_tower(vision: str) -> bool:
     """Whether the tower's features carry position embeddings of their own: a transformers ViT (CLIP, SigLIP,
     DINOv2...) does; the built-in CNN does not, and a timm tower is taken as a CNN (`image_positions` costs
     one vector a token either way)."""
-    return vision not in BUILTIN_TOWER and not vision.startswith("timm:")
+    return vision not in BUILTIN_VISION and not vision.startswith("timm:")
 
 
 def choose_image_positions(vision: str) -> Choice:
@@ -137,7 +137,7 @@ def choose_steps(samples: int, per_step: int) -> Choice:
 def choose_feature_layer(vision: str) -> Choice | None:
     """The built-in CNN's last block rather than its head; other towers keep their own default (a
     transformers tower's -2, the only features of a timm tower or a contrastive run's)."""
-    if vision not in BUILTIN_TOWER:
+    if vision not in BUILTIN_VISION:
         return None
     return Choice("vision_feature_layer", -2, "the CNN's last block (320 channels) before its 1x1 head, as LLaVA reads "
                   "its ViT's second-to-last layer: far better at telling which colour belongs to which shape")
@@ -171,8 +171,8 @@ def choose_layout(
 
 def tower_grid(vision: str, image_size: int | None) -> int | None:
     """The side of the tower's feature grid at `image_size`, when it is known without loading weights."""
-    if vision in BUILTIN_TOWER:
-        size, stride = BUILTIN_TOWER[vision]
+    if vision in BUILTIN_VISION:
+        size, stride = BUILTIN_SIZE, BUILTIN_STRIDE
         return math.ceil((image_size or size) / stride)
     if vision.startswith("timm:"):
         return None

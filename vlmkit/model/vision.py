@@ -28,6 +28,7 @@ from vlmkit.registry import Registry
 
 VISION_TOWERS = Registry("vision tower kind")
 BUILTIN_VISION = {"efficientnet-lite0", "efficientnet_lite0"}
+BUILTIN_SIZE, BUILTIN_STRIDE = 224, 32  # the built-in CNN's default input size and its feature map's stride
 BUILTIN_FEATURE_LAYER = -1  # the built-in CNN's head: its layer when none is asked for, and a spec without the key
 
 
@@ -167,7 +168,7 @@ def load_vision(name: str, image_size: int | None = None, feature_layer: int | N
         tower = EfficientNetTower(spec)
         if pretrained:
             tower.net = load_efficientnet_lite0()
-        return spec, tower, fixed_size_processor(image_size or 224, IMAGE_MEAN, IMAGE_STD)
+        return spec, tower, fixed_size_processor(image_size or BUILTIN_SIZE, IMAGE_MEAN, IMAGE_STD)
 
     if name.startswith("timm:"):
         _own_features_only(name, feature_layer)
