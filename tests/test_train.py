@@ -69,6 +69,22 @@ def test_align_stage_trains_only_the_projector(parts, shapes, tmp_path):
     assert summary["trainable_parameters"] == sum(p.numel() for p in before.projector.parameters())
 
 
+def test_a_trained_cnn_tower_keeps_its_batchnorm_statistics(parts, shapes, tmp_path):
+    """train_vision=true on the built-in CNN: its convolutions train, its BatchNorm statistics stay the
+    ImageNet ones (batches of 4 images would make them noise)."""
+    cfg = tiny_config(parts, shapes, tmp_path / "run", "vision=efficientnet-lite0", "image_size=64", "max_steps=2",
+                      "train_vision=true", "vision_lr=1e-2")
+    before, _ = compose(vision="efficientnet-lite0", llm=parts["llama"], image_tokens=4, image_size=64)
+    after, _ = load_model(train(cfg)["model"])
+    old = before.vision_tower.state_dict()
+    stats = [k for k in old if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in old if k.endswith("weight") and old[k].dim() == 4]
+    assert stats and weights
+    new = after.vision_tower.state_dict()
+    assert all(torch.equal(new[k], old[k]) for k in stats)
+    assert sum(not torch.equal(new[k], old[k]) for k in weights) > len(weights) // 2
+
+
 def test_resume_gives_the_same_weights(parts, shapes, tmp_path):
     full = train(tiny_config(parts, shapes, tmp_path / "full"))
     stopped = train(tiny_config(parts, shapes, tmp_path / "cut"), stop_after=3)

@@ -4,6 +4,8 @@ parameter groups with one learning rate per part, and which modules stay in eval
 
 from __future__ import annotations
 
+from torch import nn
+
 from vlmkit.config import TrainConfig
 from vlmkit.errors import VlmkitError
 from vlmkit.model.lora import add_lora
@@ -32,8 +34,16 @@ def set_trainable(model, cfg: TrainConfig) -> list[dict]:
 
 
 def train_mode(model, cfg: TrainConfig) -> None:
-    """Training mode, except a frozen tower stays in eval mode (its BatchNorm statistics must not move)."""
+    """Training mode, except in the vision tower: a frozen tower stays in eval mode, and a trained one keeps
+    its BatchNorm layers in eval mode, statistics fixed (their weights still train): a batch of a few images
+    gives statistics too noisy to normalise by, and ones that differ from those generation uses."""
     model.train()
     tower = find_part(model, "vision")
-    if not cfg.train_vision and tower is not None:
+    if tower is None:
+        return
+    if not cfg.train_vision:
         tower[1].eval()
+        return
+    for module in tower[1].modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
