@@ -316,6 +316,19 @@ def test_feature_statistics_are_set_without_cached_features(parts, shapes, tmp_p
     assert torch.allclose(model.feature_mean, features.mean((0, 1, 2)), atol=1e-4)
 
 
+def test_the_projector_starts_the_same_with_or_without_cached_features(parts, shapes, tmp_path, capfd):
+    """projector_init=text with a tower that is not cached (train_vision, cache_features=false) encodes the
+    images once, with a progress bar, and starts the projector where cached features start it."""
+    runs = {}
+    for cache in ("true", "false"):
+        summary = train(tiny_config(parts, shapes, tmp_path / cache, f"cache_features={cache}", "projector_init=text",
+                                    "max_steps=1", "lr=0", "projector_lr=0"))
+        runs[cache] = load_model(summary["model"])[0].projector.state_dict()
+        assert ("encoding images to start the projector" in capfd.readouterr().err) == (cache == "false")
+    for name, value in runs["true"].items():  # the two encode in different batches: equal to rounding
+        assert (value - runs["false"][name]).abs().max() <= 1e-3 * value.abs().max(), name
+
+
 def test_defaults_train_on_text_only_data(parts, shapes, tmp_path):
     """projector_init=text (the default for a new composition) has nothing to fit without images: the run
     says so and trains, rather than stopping."""

@@ -34,8 +34,11 @@ def initialise_from_data(model, tokenizer, cfg: TrainConfig, examples, images: I
     if cfg.model:
         return
     paths = list(dict.fromkeys(p for e in examples for p in e.images))
+    stats_paths = paths if images.cache is not None else paths[:STATS_IMAGES]
+    if images.cache is None and paths:  # a trained tower: encode what the steps below read once, with a progress bar
+        images = ImageSource(images.model, images.processor, images.device, cache=True)
+        images.warm(paths if cfg.projector_init == "text" else stats_paths, "encoding images to start the projector")
     if cfg.standardize_features and paths:
-        stats_paths = paths if images.cache is not None else paths[:STATS_IMAGES]
         model.set_feature_stats(features_for(model, images, stats_paths))
     if cfg.projector_init == "text" and len(paths) < 2:
         say(f"projector_init=text: the training data has {len(paths)} image(s), nothing to fit; the projector "
