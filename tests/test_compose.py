@@ -38,21 +38,39 @@ def test_every_language_model(lm, parts, tmp_path):
 
 
 @pytest.mark.parametrize("tower", ["clip", "siglip", "vit", "dinov2"])
-@pytest.mark.parametrize("projector", ["linear", "mlp", "pixel_shuffle"])
+@pytest.mark.parametrize("projector", ["linear", "mlp", "pixel_shuffle", "shuffle_mlp"])
 def test_every_tower_and_projector(tower, projector, parts, tmp_path):
     model, processor = compose(
         vision=str(make_vision(tmp_path / tower, tower)), llm=parts["llama"], projector=projector, image_tokens=4
     )
     pixels = processor.pixel_values([image()])
     # Every projector gives `image_tokens` tokens per image. The towers' grid is 4x4 (32 px, patch 8): linear and
-    # mlp pool it to 2x2; pixel_shuffle keeps a grid twice as fine (4x4) and folds each 2x2 block into one token.
-    side = 4 if projector == "pixel_shuffle" else 2
+    # mlp pool it to 2x2; pixel_shuffle and shuffle_mlp keep a grid twice as fine (4x4) and fold each 2x2 block
+    # into one token.
+    side = 4 if "shuffle" in projector else 2
     assert model.encode_images(pixels).shape == (1, side, side, model.config.vision_hidden_size)
     assert model.get_image_features(pixels).shape == (1, 4, model.config.text_config.hidden_size)
     text = processor.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     ids = processor(images=[image()], text=text)["input_ids"]
     assert int((ids == processor.image_token_id).sum()) == 4  # and the processor writes as many image tokens
     roundtrip(model, processor, tmp_path)
+
+
+def test_shuffled_tokens_keep_their_cells_apart():
+    """pixel_shuffle and shuffle_mlp fold each 2x2 block of cells into one token in reading order (the cells
+    side by side, not averaged), so two blocks that average alike still give different tokens."""
+    from vlmkit.model.projector import ShuffleMLPProjector, shuffle_cells
+
+    grid = torch.randn(1, 4, 4, 3)
+    folded = shuffle_cells(grid, 2)
+    assert folded.shape == (1, 2, 2, 12)
+    assert torch.equal(folded[0, 0, 1], torch.cat([grid[0, 0, 2], grid[0, 0, 3], grid[0, 1, 2], grid[0, 1, 3]]))
+    swapped = grid.clone()
+    swapped[0, 0, 0], swapped[0, 1, 1] = grid[0, 1, 1], grid[0, 0, 0]  # the block's mean stays the same
+    projector = ShuffleMLPProjector(3, 8)
+    with torch.no_grad():
+        before, after = projector(grid), projector(swapped)
+    assert not torch.allclose(before[0, 0], after[0, 0]) and torch.equal(before[0, 1:], after[0, 1:])
 
 
 def test_timm_tower(parts, tmp_path):

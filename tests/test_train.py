@@ -202,7 +202,7 @@ def test_group_by_length_pads_less_and_covers_each_epoch_once():
     assert draw(True, start=100, n=100) != grouped  # the next epoch reshuffles
 
 
-@pytest.mark.parametrize("projector", ["linear", "ln_mlp", "pixel_shuffle"])
+@pytest.mark.parametrize("projector", ["linear", "ln_mlp", "pixel_shuffle", "shuffle_mlp"])
 def test_projector_head_fit_solves_the_regression(parts, projector):
     model, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4, projector=projector)
     side = 2 * model.projector.pool_factor

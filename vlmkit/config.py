@@ -68,12 +68,12 @@ class TrainConfig:
     cache_features: bool = True  # cache pooled vision features while the tower is frozen
     group_by_length: bool = True  # batches of samples of similar length: less padding, faster steps
     # optimisation
-    epochs: float | None = None  # None: at least 750 steps and one epoch, at most three epochs
+    epochs: float | None = None  # None: at least 2000 steps and one epoch, at most three epochs (vlmkit/recipe.py)
     max_steps: int = 0  # > 0 overrides epochs and max_minutes
     max_minutes: float = 0.0  # > 0: about this many minutes of steps, the count fixed by timing the first (overrides epochs)
     batch_size: int | None = None  # None: 4 on CPU, 16 on a GPU
     grad_accum: int = 1
-    lr: float | None = None  # language model (or LoRA) learning rate; None: 5e-4 with LoRA, 1e-4 in full
+    lr: float | None = None  # language model (or LoRA) learning rate; None: LoRA 1e-3 on a new composition, 5e-4 on a trained VLM, 1e-4 in full
     projector_lr: float = 1e-3
     vision_lr: float = 1e-5
     weight_decay: float = 0.0

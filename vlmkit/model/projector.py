@@ -7,6 +7,8 @@ A tower gives a feature grid (B, h, w, D). The connector average-pools it to the
     ln_mlp         LayerNorm(D) -> mlp                                (InternVL's mlp1; features of any
                    scale, e.g. a CNN's ReLU6 maps, enter the MLP standardised)
     pixel_shuffle  r x r neighbours concatenated, then Linear(D*r*r, H) (SmolVLM / Idefics3)
+    shuffle_mlp    r x r neighbours concatenated, then ln_mlp: each token keeps its cells apart
+                   instead of averaging them, through the same standardising MLP
 Pooling is parameter-free, so features can be cached after it while the tower is frozen.
 """
 
@@ -94,16 +96,32 @@ class PixelShuffleProjector(Projector):
         return self.proj
 
     def head_input(self, grid: torch.Tensor) -> torch.Tensor:
-        b, h, w, d = grid.shape
-        r = self.pool_factor
-        x = grid.reshape(b, h // r, r, w // r, r, d).permute(0, 1, 3, 2, 4, 5)  # (B, g, g, r, r, D)
-        return x.reshape(b, (h // r) * (w // r), r * r * d)
+        return shuffle_cells(grid, self.pool_factor).flatten(1, 2)
+
+
+class ShuffleMLPProjector(LayerNormMLPProjector):
+    """`pixel_shuffle`'s r x r neighbours concatenated, read by `ln_mlp`: (B, g*r, g*r, D) -> (B, g*g, H)."""
+
+    def __init__(self, in_dim: int, out_dim: int, shuffle: int = 2):
+        super().__init__(in_dim * shuffle * shuffle, out_dim)
+        self.pool_factor = shuffle
+
+    def head_input(self, grid: torch.Tensor) -> torch.Tensor:
+        return super().head_input(shuffle_cells(grid, self.pool_factor))
+
+
+def shuffle_cells(grid: torch.Tensor, r: int) -> torch.Tensor:
+    """(B, g*r, g*r, D) -> (B, g, g, r*r*D): each r x r block of cells concatenated into one."""
+    b, h, w, d = grid.shape
+    x = grid.reshape(b, h // r, r, w // r, r, d).permute(0, 1, 3, 2, 4, 5)  # (B, g, g, r, r, D)
+    return x.reshape(b, h // r, w // r, r * r * d)
 
 
 PROJECTORS.register("linear", LinearProjector)
 PROJECTORS.register("mlp", MLPProjector)
 PROJECTORS.register("ln_mlp", LayerNormMLPProjector)
 PROJECTORS.register("pixel_shuffle", PixelShuffleProjector)
+PROJECTORS.register("shuffle_mlp", ShuffleMLPProjector)
 
 
 def pool_grid(grid: torch.Tensor, side: int) -> torch.Tensor:
