@@ -4,11 +4,13 @@ For each dataset of bench/datasets.py (written once, fixed: training split from 
 seed 1, no image in both) and each training seed, trains with the library defaults plus
 `max_minutes=<minutes>` and `seed=<seed>`, evaluates the held-out split with `vlmkit.eval.run.evaluate`
 and prints one markdown table (held-out exact match overall and per question type; BLEU-4 and CIDEr for
-the caption dataset), then the minimum and mean per dataset. `--baseline key=value ...` runs a second
+the caption dataset; the exact match on training samples too, so a low score reads as underfitting or as
+overfitting), then the minimum and mean per dataset. `--baseline key=value ...` runs a second
 configuration (the defaults plus those keys) in the same process, beside the first.
 
     python bench/generality.py [--datasets scenes3 mnist ...] [--minutes 15] [--seeds 0 1 2]
                                [--output runs/generality] [--baseline key=value ...] [--set key=value ...]
+                               [--fit-samples 250]
 
 A run folder with a `result.json` is read instead of rerun, so a killed benchmark continues where it
 stopped (a run killed before its result is started over). `--set` applies keys to every configuration
@@ -49,6 +51,7 @@ FIRST = ["vision_feature_layer=-1", "lr=5e-4", "max_steps=750"]
 BASELINES = {"previous": PREVIOUS, "first": FIRST}
 TRAIN_SEED, TEST_SEED = 0, 1  # the data seeds: the datasets are fixed, only training seeds vary
 SHORT_TOKENS, CAPTION_TOKENS = 12, 64  # max_new_tokens when generating the held-out replies
+FIT_SAMPLES = 250  # training samples scored after training: how well the run fitted what it saw
 
 
 def write_data(name: str, folder: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
@@ -62,6 +65,20 @@ def write_data(name: str, folder: Path, n_train: int, n_test: int) -> tuple[Path
         atomic_write_folder(folder, lambda tmp: (maker(tmp, "train", n_train, TRAIN_SEED),
                                                  maker(tmp, "test", n_test, TEST_SEED)))
     return train, test
+
+
+def fit_sample(train: Path, n: int) -> Path:
+    """`n` training samples spread evenly over the training split (`fit.jsonl` beside it, written once): scored
+    after training, they say whether a run fitted its data (training score low too) or learned it by heart
+    (training score far above the held-out one)."""
+    from vlmkit.io import atomic_write_text
+
+    path = train.with_name(f"fit{n}.jsonl")
+    if not path.is_file():
+        lines = train.read_text().splitlines()
+        step = max(1, len(lines) // n)
+        atomic_write_text(path, "".join(line + "\n" for line in lines[::step][:n]))
+    return path
 
 
 def text_only_prior(train: Path, test: Path) -> float:
@@ -90,8 +107,10 @@ def text_only_prior(train: Path, test: Path) -> float:
     return sum(scores) / len(scores)
 
 
-def run_one(run_dir: Path, train_file: Path, test_file: Path, overrides: list[str], max_new_tokens: int) -> dict:
-    """Train with the defaults plus `overrides`, evaluate the held-out split; the result is saved in `run_dir`."""
+def run_one(run_dir: Path, train_file: Path, test_file: Path, overrides: list[str], max_new_tokens: int,
+            fit_file: Path | None = None) -> dict:
+    """Train with the defaults plus `overrides`, evaluate the held-out split (and `fit_file`, training samples);
+    the result is saved in `run_dir`."""
     from vlmkit.build import for_training
     from vlmkit.config import load_config
     from vlmkit.eval.run import evaluate
@@ -113,13 +132,16 @@ def run_one(run_dir: Path, train_file: Path, test_file: Path, overrides: list[st
     cfg, choices = resolve(load_config(None, overrides, data=str(train_file), output=str(run_dir)))
     model, processor = for_training(cfg)
     summary = train(cfg, model_and_processor=(model, processor), recipe=choices)
-    report = evaluate(test_file, run_dir / "eval.json", engine=Engine(model.eval(), processor), max_new_tokens=max_new_tokens)
+    engine = Engine(model.eval(), processor)
+    report = evaluate(test_file, run_dir / "eval.json", engine=engine, max_new_tokens=max_new_tokens)
+    fit = fit_file and evaluate(fit_file, run_dir / "fit.json", engine=engine, max_new_tokens=max_new_tokens)
     result = {
         "overrides": overrides,
         "train_seconds": summary["train_seconds"],
         "steps": summary["steps"],
         **{k: report[k] for k in ("n", "exact_match", "vqa_accuracy", "bleu4", "rougeL", "cider")},
         "by_type": report["by_type"],
+        **({"fit_exact_match": fit["exact_match"], "fit_by_type": fit["by_type"]} if fit else {}),
     }
     atomic_write_text(done, json.dumps(result, indent=2) + "\n")
     del model, processor
@@ -134,14 +156,18 @@ def log(msg: str) -> None:
 def tables(rows: list[dict], priors: dict[str, float]) -> str:
     """One row per run, then the minimum and mean per configuration and dataset (markdown)."""
     lines = [
-        "| config | dataset | seed | train min | steps | held-out exact match | text-only prior | BLEU-4 | CIDEr | exact match by question type |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| config | dataset | seed | train min | steps | held-out exact match | text-only prior | training samples' "
+        "exact match | BLEU-4 | CIDEr | exact match by question type (held-out / training samples) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        types = ", ".join(f"{k} {v['exact_match']:.2f} (n={v['n']})" for k, v in r["by_type"].items())
+        fit_types = r.get("fit_by_type", {})
+        types = ", ".join(f"{k} {v['exact_match']:.2f}" + (f" / {fit_types[k]['exact_match']:.2f}" if k in fit_types else "")
+                          + f" (n={v['n']})" for k, v in r["by_type"].items())
+        fit = f"{r['fit_exact_match']:.3f}" if "fit_exact_match" in r else "-"
         lines.append(
             f"| {r['config']} | {r['dataset']} | {r['seed']} | {r['train_seconds'] / 60:.1f} | {r['steps']} | "
-            f"{r['exact_match']:.3f} | {priors[r['dataset']]:.3f} | {r['bleu4']:.3f} | {r['cider']:.3f} | {types} |"
+            f"{r['exact_match']:.3f} | {priors[r['dataset']]:.3f} | {fit} | {r['bleu4']:.3f} | {r['cider']:.3f} | {types} |"
         )
     lines += ["", "| config | dataset | runs | min exact match | mean exact match | min CIDEr | mean CIDEr |",
               "|---|---|---|---|---|---|---|"]
@@ -168,6 +194,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--set", nargs="+", default=[], metavar="key=value", help="keys for every configuration")
     parser.add_argument("--n-train", type=int, default=None, help="training samples per dataset (default: its own)")
     parser.add_argument("--n-test", type=int, default=None, help="held-out samples per dataset (default: its own)")
+    parser.add_argument("--fit-samples", type=int, default=FIT_SAMPLES,
+                        help=f"training samples scored after training, to tell underfitting from overfitting "
+                             f"(default {FIT_SAMPLES}; 0: none)")
     args = parser.parse_args(argv)
 
     import torch
@@ -184,13 +213,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sized = name if (n_train, n_test) == DATASETS[name][1:] else f"{name}-{n_train}x{n_test}"
         train_file, test_file = write_data(name, out / "data" / sized, n_train, n_test)
         priors[name] = text_only_prior(train_file, test_file)
+        fit_file = fit_sample(train_file, min(args.fit_samples, n_train)) if args.fit_samples > 0 else None
         tokens = CAPTION_TOKENS if name in CAPTIONED else SHORT_TOKENS
         for seed in args.seeds:
             for config, keys in configs.items():
                 overrides = [f"max_minutes={args.minutes:g}", f"seed={seed}", *args.set, *keys]
                 log(f"{config} / {sized} / seed {seed}: {' '.join(overrides)}")
                 run_dir = out / "runs" / config / sized / f"seed{seed}"
-                result = run_one(run_dir, train_file, test_file, overrides, tokens)
+                result = run_one(run_dir, train_file, test_file, overrides, tokens, fit_file)
                 rows.append({"config": config, "dataset": name, "seed": seed, **result})
 
     machine = (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -15,7 +15,7 @@ from bench import generality  # noqa: E402
 def test_generality_trains_evaluates_and_reuses_finished_runs(parts, tmp_path, capsys):
     argv = ["--datasets", "multiturn", "--seeds", "3", "--output", str(tmp_path), "--n-train", "8", "--n-test", "5",
             "--set", f"vision={parts['clip']}", f"llm={parts['llama']}", "image_tokens=4", "batch_size=4", "max_steps=1",
-            "--baseline", "lr=0"]
+            "--baseline", "lr=0", "--fit-samples", "3"]
     rows = generality.main(argv)
     assert [(r["config"], r["dataset"], r["seed"], r["steps"], r["n"]) for r in rows] == [
         ("default", "multiturn", 3, 1, 5), ("baseline", "multiturn", 3, 1, 5)]
@@ -23,9 +23,16 @@ def test_generality_trains_evaluates_and_reuses_finished_runs(parts, tmp_path, c
     assert {"seed=3", "max_minutes=15", "max_steps=1"} <= set(json.loads((run / "result.json").read_text())["overrides"])
     assert "seed: 3" in (run / "config.yaml").read_text()
     assert (run / "model").is_dir() and (run / "eval.predictions.jsonl").is_file()
-    assert len((tmp_path / "data" / "multiturn-8x5" / "test.jsonl").read_text().splitlines()) == 5
+    data = tmp_path / "data" / "multiturn-8x5"
+    assert len((data / "test.jsonl").read_text().splitlines()) == 5
+    # training samples spread over the split, scored after training beside the held-out ones
+    assert (data / "fit3.jsonl").read_text().splitlines() == (data / "train.jsonl").read_text().splitlines()[0:6:2]
+    fit = json.loads((run / "fit.json").read_text())
+    assert fit["n"] == 3 and rows[0]["fit_exact_match"] == fit["exact_match"] and rows[0]["fit_by_type"] == fit["by_type"]
     table = capsys.readouterr().out
     assert "| default | multiturn | 3 |" in table and "| baseline | multiturn | 1 |" in table
+    prior = generality.text_only_prior(data / "train.jsonl", data / "test.jsonl")
+    assert f"| {rows[0]['exact_match']:.3f} | {prior:.3f} | {fit['exact_match']:.3f} |" in table  # held-out, prior, fit
 
     stamp = (run / "result.json").stat().st_mtime_ns
     again = generality.main(argv)  # finished: read, not retrained
