@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import platform
+import random
 import shutil
 import sys
 from collections import Counter
@@ -68,7 +69,8 @@ def write_data(name: str, folder: Path, n_train: int, n_test: int) -> tuple[Path
 
 
 def fit_sample(train: Path, n: int) -> Path:
-    """`n` training samples spread evenly over the training split (`fit.jsonl` beside it, written once): scored
+    """`n` training samples drawn at random, in file order (`fit<n>.jsonl` beside the training split, written
+    once; not every k-th line, which would see only some types of a file that cycles through them): scored
     after training, they say whether a run fitted its data (training score low too) or learned it by heart
     (training score far above the held-out one)."""
     from vlmkit.io import atomic_write_text
@@ -76,8 +78,8 @@ def fit_sample(train: Path, n: int) -> Path:
     path = train.with_name(f"fit{n}.jsonl")
     if not path.is_file():
         lines = train.read_text().splitlines()
-        step = max(1, len(lines) // n)
-        atomic_write_text(path, "".join(line + "\n" for line in lines[::step][:n]))
+        chosen = sorted(random.Random(TRAIN_SEED).sample(range(len(lines)), min(n, len(lines))))
+        atomic_write_text(path, "".join(lines[k] + "\n" for k in chosen))
     return path
 
 
