@@ -85,11 +85,31 @@ def test_a_trained_cnn_tower_keeps_its_batchnorm_statistics(parts, shapes, tmp_p
     assert sum(not torch.equal(new[k], old[k]) for k in weights) > len(weights) // 2
 
 
-def test_resume_gives_the_same_weights(parts, shapes, tmp_path):
-    full = train(tiny_config(parts, shapes, tmp_path / "full"))
-    stopped = train(tiny_config(parts, shapes, tmp_path / "cut"), stop_after=3)
+def test_feature_dropout_drops_image_features_while_training_only(parts, shapes, tmp_path):
+    """`feature_dropout`: the run's rate zeroes standardised image features before the projector in training
+    mode; in eval mode the same features project the same way every time."""
+    from vlmkit.train.stages import train_mode
+
+    model, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
+    features = torch.randn(3, 2, 2, model.feature_mean.shape[0])
+    model.eval()
+    before = model.project(features)
+    train_mode(model, tiny_config(parts, shapes, tmp_path / "run", "feature_dropout=0.5"))
+    assert model.feature_dropout.p == 0.5
+    first, second = model.project(features), model.project(features)
+    assert not torch.equal(first, second) and not torch.equal(first, before)
+    model.eval()
+    assert torch.equal(model.project(features), before)
+    with pytest.raises(VlmkitError, match="feature_dropout"):
+        tiny_config(parts, shapes, tmp_path / "bad", "feature_dropout=1")
+
+
+@pytest.mark.parametrize("extra", [[], ["feature_dropout=0.3"]], ids=["plain", "feature_dropout"])
+def test_resume_gives_the_same_weights(parts, shapes, tmp_path, extra):
+    full = train(tiny_config(parts, shapes, tmp_path / "full", *extra))
+    stopped = train(tiny_config(parts, shapes, tmp_path / "cut", *extra), stop_after=3)
     assert stopped == {"stopped_at": 3}
-    resumed = train(tiny_config(parts, shapes, tmp_path / "cut"), resume=True)
+    resumed = train(tiny_config(parts, shapes, tmp_path / "cut", *extra), resume=True)
     a, _ = load_model(full["model"])
     b, _ = load_model(resumed["model"])
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):

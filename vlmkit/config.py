@@ -66,6 +66,7 @@ class TrainConfig:
     max_length: int = 512
     skip_too_long: bool = False  # drop (and count) samples whose image tokens would be cut, instead of failing
     cache_features: bool = True  # cache pooled vision features while the tower is frozen
+    feature_dropout: float = 0.0  # share of the image features' values zeroed while training (before the projector)
     group_by_length: bool = True  # batches of samples of similar length: less padding, faster steps
     # optimisation
     epochs: float | None = None  # None: at least 2000 steps and one epoch, at most three epochs (vlmkit/recipe.py)
@@ -125,6 +126,10 @@ class TrainConfig:
             raise VlmkitError("give `epochs` > 0, `max_steps` > 0 or `max_minutes` > 0 (or leave `epochs` unset)")
         if self.max_minutes < 0:
             raise VlmkitError(f"config field `max_minutes` must be >= 0 (got {self.max_minutes})")
+        for name in ("feature_dropout", "lora_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise VlmkitError(f"config field `{name}` is a share of values dropped: give 0 <= {name} < 1 "
+                                  f"(got {getattr(self, name)})")
 
     @property
     def uses_lora(self) -> bool:

@@ -87,6 +87,9 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
         hidden = config.vision_hidden_size or self.vision_tower.hidden_size
         self.register_buffer("feature_mean", torch.zeros(hidden))
         self.register_buffer("feature_std", torch.ones(hidden))
+        # Dropout on the standardised features while training; its rate is a run's (`feature_dropout`, set by
+        # the trainer), not the model's: a model loads with it off and it holds no weights.
+        self.feature_dropout = nn.Dropout(0.0)
         self.post_init()
 
     # -- the plumbing transformers expects -------------------------------------------------------
@@ -129,7 +132,7 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
         small LM drifts to embeddings two orders of magnitude larger than any word's, which the LM then
         treats as inert attention sinks: the loss stops depending on the image at all (measured).
         """
-        embeds = self.projector(self.standardize(features))
+        embeds = self.projector(self.feature_dropout(self.standardize(features)))
         if self.config.image_positions:
             embeds = embeds + self.projector.position
         if self.config.image_embed_norm > 0:

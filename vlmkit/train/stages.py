@@ -38,6 +38,8 @@ def train_mode(model, cfg: TrainConfig) -> None:
     its BatchNorm layers in eval mode, statistics fixed (their weights still train): a batch of a few images
     gives statistics too noisy to normalise by, and ones that differ from those generation uses."""
     model.train()
+    if isinstance(getattr(model, "feature_dropout", None), nn.Dropout):
+        model.feature_dropout.p = cfg.feature_dropout
     tower = find_part(model, "vision")
     if tower is None:
         return
