@@ -102,6 +102,10 @@ def test_feature_dropout_drops_image_features_while_training_only(parts, shapes,
     assert torch.equal(model.project(features), before)
     with pytest.raises(VlmkitError, match="feature_dropout"):
         tiny_config(parts, shapes, tmp_path / "bad", "feature_dropout=1")
+    with pytest.raises(VlmkitError, match="feature_dropout"):
+        tiny_config(parts, shapes, tmp_path / "bad", "feature_dropout=0.1", "objective=contrastive")
+    with pytest.raises(VlmkitError, match="feature_dropout"):  # a model without a vlmkit projector: said, not ignored
+        train_mode(torch.nn.Linear(2, 2), tiny_config(parts, shapes, tmp_path / "run", "feature_dropout=0.5"))
 
 
 @pytest.mark.parametrize("extra", [[], ["feature_dropout=0.3"]], ids=["plain", "feature_dropout"])

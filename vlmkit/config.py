@@ -91,6 +91,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise VlmkitError(f"config field `objective`: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.objective == "contrastive" and self.feature_dropout > 0:
+            raise VlmkitError("config field `feature_dropout` applies to a VLM's projector, not to objective=contrastive")
         if self.objective == "contrastive" and self.stage == "contrastive":
             raise VlmkitError("stage=contrastive aligns a VLM's projector; objective=contrastive trains a dual "
                               "encoder: give one of them")

@@ -40,6 +40,9 @@ def train_mode(model, cfg: TrainConfig) -> None:
     model.train()
     if isinstance(getattr(model, "feature_dropout", None), nn.Dropout):
         model.feature_dropout.p = cfg.feature_dropout
+    elif cfg.feature_dropout > 0:
+        raise VlmkitError(f"config field `feature_dropout` drops the features a vlmkit composition's projector reads; "
+                          f"this model ({type(model).__name__}) has none: leave it at 0")
     tower = find_part(model, "vision")
     if tower is None:
         return
