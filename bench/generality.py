@@ -45,11 +45,14 @@ from bench.datasets import CAPTIONED, DATASETS  # noqa: E402
 # the data and parts: the LM fine-tuned in full at 1e-4, batch 16, one epoch, 9 tokens from 224 px, no position
 # embeddings or column words, a randomly started projector
 PREVIOUS = ["method=full", "lr=1e-4", "batch_size=16", "epochs=1", "image_tokens=9", "image_positions=false",
-            "column_words=false", "position_words=false", "projector_init=random", "group_by_length=false"]
+            "column_words=false", "position_words=false", "projector_init=random", "group_by_length=false",
+            "train_on_prompt=false"]
 # `--baseline first`: the first default recipe (2026-12-02), before the CNN's last block, adapters at 1e-3 and
 # at least 2,000 steps: its rule (at least 750 steps, at most three epochs) gives 750 on every dataset here
-FIRST = ["vision_feature_layer=-1", "lr=5e-4", "max_steps=750"]
-BASELINES = {"previous": PREVIOUS, "first": FIRST}
+FIRST = ["vision_feature_layer=-1", "lr=5e-4", "max_steps=750", "train_on_prompt=false"]
+# `--baseline replies`: the recipe of 2026-12-02 before the questions' words were trained too (replies only)
+REPLIES = ["train_on_prompt=false"]
+BASELINES = {"previous": PREVIOUS, "first": FIRST, "replies": REPLIES}
 TRAIN_SEED, TEST_SEED = 0, 1  # the data seeds: the datasets are fixed, only training seeds vary
 SHORT_TOKENS, CAPTION_TOKENS = 12, 64  # max_new_tokens when generating the held-out replies
 FIT_SAMPLES = 250  # training samples scored after training: how well the run fitted what it saw
@@ -192,7 +195,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output", default="runs/generality")
     parser.add_argument("--baseline", nargs="+", default=None, metavar="key=value",
                         help="also run a second configuration: the defaults plus these keys; `previous`: the "
-                             "library's defaults before the default recipe; `first`: the first default recipe")
+                             "library's defaults before the default recipe; `first`: the first default recipe; "
+                             "`replies`: the recipe training the replies only (train_on_prompt=false)")
     parser.add_argument("--set", nargs="+", default=[], metavar="key=value", help="keys for every configuration")
     parser.add_argument("--n-train", type=int, default=None, help="training samples per dataset (default: its own)")
     parser.add_argument("--n-test", type=int, default=None, help="held-out samples per dataset (default: its own)")

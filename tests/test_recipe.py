@@ -7,7 +7,8 @@ from vlmkit.config import TrainConfig, load_config
 from vlmkit.recipe import (
     CPU_BATCH, GPU_BATCH, MAX_EPOCHS, MIN_STEPS, choose_batch_size, choose_column_words, choose_feature_layer,
     choose_image_positions, choose_image_size, choose_layout,
-    choose_image_tokens, choose_lr, choose_method, choose_projector_init, choose_steps, resolve, tower_grid,
+    choose_image_tokens, choose_lr, choose_method, choose_projector_init, choose_steps, choose_train_on_prompt, resolve,
+    tower_grid,
 )
 
 
@@ -61,6 +62,14 @@ def test_projector_init_from_replies_only_for_a_new_projector():
     assert choose_projector_init(new_model=True, method="dpo").value == "random"
 
 
+def test_questions_train_only_for_a_new_composition_with_supervised_replies():
+    assert choose_train_on_prompt(new_model=True, method="lora").value is True
+    assert choose_train_on_prompt(new_model=True, method="full", stage="align").value is True
+    assert choose_train_on_prompt(new_model=False, method="lora").value is False  # a pretrained chat template
+    assert choose_train_on_prompt(new_model=True, method="dpo").value is False
+    assert choose_train_on_prompt(new_model=True, method="full", stage="contrastive").value is False
+
+
 @pytest.mark.parametrize("samples, per_step, steps", [
     (2000, 4, 3 * 500),          # 500 a epoch: three epochs, short of MIN_STEPS
     (2500, 4, 3 * 625),
@@ -83,19 +92,21 @@ def test_resolve_fills_the_auto_keys_and_keeps_the_users():
     assert (cfg.method, cfg.lr, cfg.batch_size, cfg.image_size, cfg.image_tokens) == ("lora", 1e-3, 4, 192, 9)
     assert (cfg.lora_r, cfg.lora_targets, cfg.projector_init, cfg.column_words, cfg.position_words) == (16, "attention", "text", True, True)
     assert cfg.image_positions is True and cfg.vision_feature_layer == -2
+    assert cfg.train_on_prompt is True
     assert {c.key for c in choices} == {"method", "lr", "lora_targets", "batch_size", "image_size", "image_tokens",
                                         "image_positions", "column_words", "position_words", "projector_init",
-                                        "vision_feature_layer"}
+                                        "vision_feature_layer", "train_on_prompt"}
     assert all(c.reason for c in choices)
     # a resolved config resolves to itself: what config.yaml saves trains the same way again
     again, none = resolve(cfg, "cuda")
     assert again == cfg and none == []
 
     mine = load_config(None, ["method=full", "lr=3e-5", "batch_size=2", "image_tokens=4", "projector_init=random",
-                              "column_words=false"], data="d.jsonl")
+                              "column_words=false", "train_on_prompt=false"], data="d.jsonl")
     cfg, choices = resolve(mine, "cuda")
     assert (cfg.method, cfg.lr, cfg.batch_size, cfg.image_tokens, cfg.projector_init, cfg.column_words) == (
         "full", 3e-5, 2, 4, "random", False)
+    assert cfg.train_on_prompt is False
     assert cfg.image_size is None  # image_tokens set: the tower keeps its own size
     assert cfg.position_words is False  # no column words to start from
     assert {c.key for c in choices} == {"vision_feature_layer", "image_positions", "position_words"}
@@ -104,6 +115,7 @@ def test_resolve_fills_the_auto_keys_and_keeps_the_users():
 def test_resolve_a_pretrained_model_keeps_its_layout():
     cfg, choices = resolve(TrainConfig(model="some/vlm", data="d.jsonl"), "cuda")
     assert (cfg.method, cfg.lr, cfg.batch_size, cfg.projector_init) == ("lora", 5e-4, 16, "random")
+    assert cfg.train_on_prompt is False
     assert cfg.image_tokens is None and cfg.vision_feature_layer is None and cfg.column_words is None  # the model's own processor decides
     assert "image_tokens" not in {c.key for c in choices}
 

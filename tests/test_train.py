@@ -22,7 +22,7 @@ def tiny_config(parts, shapes, out, *extra, lm="llama"):
     train_file, test_file = shapes
     overrides = [
         f"vision={parts['clip']}", f"llm={parts[lm]}", "method=full", "image_tokens=4", "batch_size=4", "max_steps=8",
-        "projector_init=random", "group_by_length=false",
+        "projector_init=random", "group_by_length=false", "train_on_prompt=false",
         "lr=3e-3", "projector_lr=3e-3", "save_every=2", "precision=fp32", *extra,
     ]
     return load_config(None, overrides, data=str(train_file), eval_data=str(test_file), output=str(out))
@@ -108,7 +108,7 @@ def test_feature_dropout_drops_image_features_while_training_only(parts, shapes,
         train_mode(torch.nn.Linear(2, 2), tiny_config(parts, shapes, tmp_path / "run", "feature_dropout=0.5"))
 
 
-@pytest.mark.parametrize("extra", [[], ["feature_dropout=0.3"]], ids=["plain", "feature_dropout"])
+@pytest.mark.parametrize("extra", [[], ["feature_dropout=0.3", "train_on_prompt=true"]], ids=["plain", "feature_dropout_and_prompt"])
 def test_resume_gives_the_same_weights(parts, shapes, tmp_path, extra):
     full = train(tiny_config(parts, shapes, tmp_path / "full", *extra))
     stopped = train(tiny_config(parts, shapes, tmp_path / "cut", *extra), stop_after=3)
@@ -175,6 +175,40 @@ def test_labels_cover_exactly_the_assistant_tokens(parts):
     trained = processor.tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX])
     assert trained == "red<|im_end|>2<|im_end|>"
     assert ids.count(processor.image_token_id) == 4
+    # train_prompt: the user's words too, never the system turn, the role headers or the image tokens
+    ids_too, labels = processor.render(messages, train_prompt=True)
+    assert ids_too == ids
+    trained = processor.tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX])
+    assert trained == "What colour is the circle?<|im_end|>red<|im_end|>How many shapes are there?<|im_end|>2<|im_end|>"
+
+
+def test_a_question_alone_is_not_a_sample(parts):
+    """With the prompt trained, a reply cut off by max_length is still an error: the question's words alone
+    do not make a training sample."""
+    _, processor = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]},
+                {"role": "assistant", "content": "red"}]
+    sample = Sample(messages, (Path("a.png"),), "x.jsonl", 3)
+    renderer = ComposedRenderer(processor, train_prompt=True)
+    (example,), _ = tokenize([sample], renderer, max_length=512)
+    reply = next(i for i, label in enumerate(processor.render(messages)[1]) if label != IGNORE_INDEX)
+    assert example.reply_start == reply and any(label != IGNORE_INDEX for label in example.labels[:reply])
+    with pytest.raises(VlmkitError, match=r"x\.jsonl:3: no assistant tokens left to train on within max_length"):
+        tokenize([sample], renderer, max_length=reply)
+
+
+def test_train_on_prompt_changes_what_the_loss_covers(parts, shapes, tmp_path):
+    """The same weights (learning rates 0), the same batch: a different loss once the questions' words count."""
+    losses = []
+    for flag in ("true", "false"):
+        cfg = tiny_config(parts, shapes, tmp_path / flag, f"train_on_prompt={flag}", "max_steps=1", "lr=0", "projector_lr=0")
+        train(cfg)
+        losses.append(json.loads((tmp_path / flag / "history.jsonl").read_text().splitlines()[0])["loss"])
+    assert abs(losses[0] - losses[1]) > 1e-3
+    with pytest.raises(VlmkitError, match="train_on_prompt"):
+        tiny_config(parts, shapes, tmp_path / "c", "train_on_prompt=true", f"model={tmp_path}")
+    with pytest.raises(VlmkitError, match="train_on_prompt"):
+        tiny_config(parts, shapes, tmp_path / "d", "train_on_prompt=true", "method=dpo")
 
 
 def test_position_words_start_each_column_at_its_word(parts, shapes, tmp_path):

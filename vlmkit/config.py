@@ -40,6 +40,7 @@ class TrainConfig:
     position_words: bool | None = None  # those embeddings start as the LM's words " left" ... " right", by grid column; None: with column_words
     column_words: bool | None = None  # lay each image out column by column, each after its word (" left", " middle", " right"); None: for 2 or 3 columns
     projector_init: str = "auto"  # auto | random | text: image tokens start at the words the replies say about them
+    train_on_prompt: bool | None = None  # the user turns' words are trained too, not only the replies; None: for a new composition
     image_size: int | None = None  # input resolution of the tower; None: chosen with image_tokens, else the tower's own
     vision_feature_layer: int | None = None  # the tower's layer read (-1 last, -2 the one before); None: -2 (recipe for the built-in CNN: its last block)
     stage: str = "sft"  # align: projector only; sft: projector + LM (full or LoRA); contrastive: projector vs the LM's words
@@ -121,6 +122,12 @@ class TrainConfig:
             raise VlmkitError(
                 "config field `projector_init` starts a new projector from supervised replies; it cannot apply to "
                 "`model` (a trained one) or to method=dpo"
+            )
+        if self.train_on_prompt and (self.model or self.method == "dpo" or "contrastive" in (self.objective, self.stage)):
+            raise VlmkitError(
+                "config field `train_on_prompt` trains a new composition (vision + llm) on its user turns' words too; "
+                "it cannot apply to `model` (a pretrained model's chat template trains its replies only), to "
+                "method=dpo, objective=contrastive or stage=contrastive"
             )
         if self.position_words and self.image_positions is False:
             raise VlmkitError("config field `position_words` needs `image_positions=true` (the embeddings it starts)")

@@ -126,6 +126,16 @@ def choose_projector_init(new_model: bool, method: str) -> Choice:
                   else "no supervised replies to start from")
 
 
+def choose_train_on_prompt(new_model: bool, method: str, stage: str = "sft") -> Choice:
+    """The user turns' words trained beside the replies, for a new composition's supervised replies."""
+    if not new_model:
+        return Choice("train_on_prompt", False, "a pretrained model: only the replies train, as its chat template says")
+    if method == "dpo" or stage == "contrastive":
+        return Choice("train_on_prompt", False, "no supervised replies: preference pairs or a contrastive alignment")
+    return Choice("train_on_prompt", True, "the user's words are trained too: a question that names what the image "
+                  "holds teaches a new projector and the LM to read it, beside the reply")
+
+
 def choose_steps(samples: int, per_step: int) -> Choice:
     """At least MIN_STEPS steps and one epoch, at most MAX_EPOCHS epochs."""
     epoch = max(1, math.ceil(samples / per_step))
@@ -219,4 +229,6 @@ def resolve(cfg: TrainConfig, device_type: str | None = None) -> tuple[TrainConf
         raise VlmkitError("config field `position_words` needs `image_positions=true` (the embeddings it starts)")
     if cfg.projector_init == "auto":
         take(choose_projector_init(new_model, method))
+    if cfg.train_on_prompt is None and cfg.objective == "lm":
+        take(choose_train_on_prompt(new_model, method, cfg.stage))
     return dataclasses.replace(cfg, **values), choices

@@ -37,6 +37,7 @@ class Example:
     text: str | None = None  # pretrained processors: the rendered conversation they tokenize in a batch
     suffix: str | None = None  # PaliGemma: the answer, given to the processor as `suffix`
     completion: tuple = ()  # templates that are not token-aligned: the answer's ids, appended after `text`'s
+    reply_start: int = 0  # train_prompt: labels before this index are the first question's, not a reply's
 
     @property
     def length(self) -> int:
@@ -45,7 +46,8 @@ class Example:
 
     @property
     def trains_nothing(self) -> bool:
-        return all(label == IGNORE_INDEX for label in self.labels)
+        """No reply token is trained (a question's words alone do not make a sample)."""
+        return all(label == IGNORE_INDEX for label in self.labels[self.reply_start :])
 
 
 class ComposedRenderer:
@@ -53,18 +55,22 @@ class ComposedRenderer:
 
     caches_features = True  # the model takes pooled tower features in place of pixels
 
-    def __init__(self, processor: VlmkitProcessor):
-        self.processor = processor
+    def __init__(self, processor: VlmkitProcessor, train_prompt: bool = False):
+        self.processor, self.train_prompt = processor, train_prompt
         self.pad_id = processor.tokenizer.pad_token_id
 
     def render(self, messages: list[dict], images, where: str) -> Example:
         """Untrained tokens after the last trained or image token (the template's closing newline) are
         dropped: under causal attention they cannot change the loss, only the cost of a step."""
         ids, labels = self.processor.render(messages)
+        reply_start = 0
+        if self.train_prompt:
+            reply_start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+            ids, labels = self.processor.render(messages, train_prompt=True)
         image_id = self.processor.image_token_id
         keep = [i for i, t in enumerate(ids) if labels[i] != IGNORE_INDEX or t == image_id]
         end = 1 + keep[-1] if keep else len(ids)
-        return Example(ids[:end], labels[:end], tuple(str(p) for p in images), where)
+        return Example(ids[:end], labels[:end], tuple(str(p) for p in images), where, reply_start=reply_start)
 
     def cut(self, example: Example, max_length: int) -> tuple[Example | None, str]:
         """Text past the last image token may be cut; image tokens may not."""
@@ -75,7 +81,8 @@ class ComposedRenderer:
                 f"{len(ids)} tokens, and max_length={max_length} would cut its image tokens; raise max_length, shorten "
                 "the conversation, or pass skip_too_long=true to skip such samples"
             )
-        cut = Example(ids[:max_length], example.labels[:max_length], example.images, example.where)
+        cut = Example(ids[:max_length], example.labels[:max_length], example.images, example.where,
+                      reply_start=example.reply_start)
         return cut, ""
 
     def collate(self, examples: list[Example], image_source) -> dict:
@@ -96,10 +103,11 @@ class ComposedRenderer:
         return batch
 
 
-def renderer_for(processor, model_type: str):
-    """The renderer for a model's processor: vlmkit's own, or the pretrained model's chat template."""
+def renderer_for(processor, model_type: str, train_prompt: bool = False):
+    """The renderer for a model's processor: vlmkit's own, or the pretrained model's chat template (which
+    trains the replies only: `train_prompt` is refused there by the config)."""
     if isinstance(processor, VlmkitProcessor):
-        return ComposedRenderer(processor)
+        return ComposedRenderer(processor, train_prompt)
     from vlmkit.data.template import TemplateRenderer
     from vlmkit.model.families import family_of
 

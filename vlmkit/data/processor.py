@@ -91,8 +91,13 @@ class VlmkitProcessor(ProcessorMixin):
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
     # -- training path: token by token ----------------------------------------------------------
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """Messages (content: str or list of parts) -> (input_ids, labels), images expanded."""
+    def render(
+        self, messages: list[dict], add_generation_prompt: bool = False, train_prompt: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """Messages (content: str or list of parts) -> (input_ids, labels), images expanded. The assistant's
+        words and end-of-turn tokens are labelled; with `train_prompt`, the user's too (never the role
+        headers, a system turn or the image tokens)."""
+        trained_roles = ("assistant", "user") if train_prompt else ("assistant",)
         ids: list[int] = []
         labels: list[int] = []
         image_ids = self._encode(self.expand_image_tokens(IMAGE_TOKEN))
@@ -102,7 +107,7 @@ class VlmkitProcessor(ProcessorMixin):
             labels.extend(piece if train else [IGNORE_INDEX] * len(piece))
 
         for message in messages:
-            trained = message["role"] == "assistant"
+            trained = message["role"] in trained_roles
             add([self.tokenizer.convert_tokens_to_ids(TURN_START)] + self._encode(message["role"] + "\n"), False)
             parts = message["content"]
             for part in [{"type": "text", "text": parts}] if isinstance(parts, str) else parts:

@@ -170,7 +170,7 @@ def set_up(cfg: TrainConfig, out: Path, dist, model_and_processor) -> Run:
     if model_and_processor is None and dist.main:
         log(f"loading the model ({cfg.model or f'{cfg.vision} + {cfg.llm}'})")
     model, processor = model_and_processor or for_training(cfg)
-    renderer = renderer_for(processor, getattr(model.config, "model_type", ""))
+    renderer = renderer_for(processor, getattr(model.config, "model_type", ""), bool(cfg.train_on_prompt))
     groups = set_trainable(model, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
