@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +25,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """`write(tmp)` writes a temporary file beside `path`, which then replaces `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")  # keep the suffix: savefig reads it
+    # one temporary name per process and thread, so two threads writing the same file never share one;
+    # keep the suffix: savefig reads it
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}{path.suffix}")
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())

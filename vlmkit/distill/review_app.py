@@ -20,6 +20,7 @@ except ImportError:
     raise VlmkitError("the review page needs gradio: pip install 'vlmkit[ui]' (or gradio)") from None
 from vlmkit.data.images import load_image  # noqa: E402
 from vlmkit.distill.review import Review  # noqa: E402
+from vlmkit.ui.files import ImageFiles  # noqa: E402
 
 READABLE = 448  # small images are enlarged (pixels kept sharp) to about this many pixels on the long side
 CSS = "#progress, #pair-progress, #verdict {min-height: 1.5em} footer {display: none !important}"
@@ -52,6 +53,12 @@ def readable(path: str):
 
 
 def build_app(review: Review):
+    files = ImageFiles()  # each image a file written once: see vlmkit/ui/files.py
+
+    def shown(path: str) -> str | None:
+        image = readable(path)
+        return None if image is None else files(image)
+
     def show(index: int, note: str = "") -> tuple:
         """The review tab's outputs for pair `index`: index, progress, image, prompt, reply box, verdict."""
         item = review.item(index)
@@ -62,7 +69,7 @@ def build_app(review: Review):
         r = item.record
         where = f"**{r['task']}** · {os.path.basename(r['image'])} · sample {r['sample']} · pair {index + 1} of {len(review.items)}"
         verdict = f"{note} · " if note else ""
-        return (index, progress, readable(r["image"]), f"{where}\n\n**{r['prompt']}**",
+        return (index, progress, shown(r["image"]), f"{where}\n\n**{r['prompt']}**",
                 gr.update(value=item.text, interactive=True), f"{verdict}This pair: {item.verdict}")
 
     def show_pair(index: int) -> tuple:
@@ -73,7 +80,7 @@ def build_app(review: Review):
             return index, progress, None, note, "", ""
         a, b = pair
         where = f"**{a['task']}** · {os.path.basename(a['image'])} · pair {index + 1} of {len(review.pairs)}"
-        return index, progress, readable(a["image"]), f"{where}\n\n**{a['prompt']}**", review.text(a), review.text(b)
+        return index, progress, shown(a["image"]), f"{where}\n\n**{a['prompt']}**", review.text(a), review.text(b)
 
     def act(index, action, text=None):
         try:
@@ -93,7 +100,7 @@ def build_app(review: Review):
                 index = gr.State(0)
                 progress = gr.Markdown(elem_id="progress")
                 with gr.Row():
-                    image = gr.Image(label="Image", type="pil", height=480, interactive=False, elem_id="image")
+                    image = gr.Image(label="Image", type="filepath", height=480, interactive=False, elem_id="image")
                     with gr.Column():
                         prompt = gr.Markdown(elem_id="prompt")
                         reply = gr.Textbox(label="Teacher's reply (edit, then Ctrl+Enter to save)", lines=8, elem_id="reply")
@@ -110,7 +117,7 @@ def build_app(review: Review):
                 pair_progress = gr.Markdown(elem_id="pair-progress")
                 gr.Markdown(f"Pick the better reply; each choice is a preference row in `{review.out / 'preferences.jsonl'}`.")
                 with gr.Row():
-                    pair_image = gr.Image(label="Image", type="pil", height=400, interactive=False, elem_id="pair-image")
+                    pair_image = gr.Image(label="Image", type="filepath", height=400, interactive=False, elem_id="pair-image")
                     with gr.Column():
                         pair_prompt = gr.Markdown(elem_id="pair-prompt")
                         with gr.Row():

@@ -24,6 +24,7 @@ from vlmkit.model.families import CAPTION, OCR  # noqa: E402
 from vlmkit.ui.backends import ApiBackend, LocalBackend, Settings  # noqa: E402
 from vlmkit.ui.chat import Chat, Step, chatbot_messages, example_turn  # noqa: E402
 from vlmkit.ui.compare import Compare, PreferenceFile  # noqa: E402
+from vlmkit.ui.files import ImageFiles  # noqa: E402
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 # (prompt, image): the shapes scene answers like the quickstart's data; the photos and the page are
@@ -42,6 +43,7 @@ CSS = "#status, #compare-status {min-height: 1.5em} footer {display: none !impor
 def build_app(backend, backend_b=None, preferences: PreferenceFile | None = None, max_new_tokens: int = 256):
     """The Gradio Blocks page for a backend (and optionally a second one to compare against)."""
     chat = Chat(backend)
+    files = ImageFiles()  # pictures as files written once: see files.py
     compare = Compare(backend, backend_b, preferences)
     stops: dict[str, Event] = {}  # one Stop flag per browser session
 
@@ -57,7 +59,7 @@ def build_app(backend, backend_b=None, preferences: PreferenceFile | None = None
         elif step.seen is False:
             panel = (NOT_LOCAL, [], "")
         else:
-            panel = (step.seen.summary(), step.seen.gallery(), step.seen.prompt)
+            panel = (step.seen.summary(), [(files(view), caption) for view, caption in step.seen.gallery()], step.seen.prompt)
         return (chatbot_messages(step.turns), step.turns, box, step.status, *panel, step.reply)
 
     def settings_or_step(turns, values) -> Settings | Step:
