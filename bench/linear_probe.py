@@ -1,0 +1,87 @@
+"""What a trained run's frozen vision tower allows: a linear read-out of its features on a dataset's answers.
+
+For single-image data with one answer a sample (class data such as the generality benchmark's `mnist` and
+`fashion`), fit a logistic regression on the training split's cached features and score the held-out
+split, for the features the VLM reads (the pooled image-token grid), their mean, and the tower's whole
+grid before pooling. When the VLM scores well under the read-out, the recipe leaves accuracy behind; near
+it, the tower's features are the limit.
+
+    python bench/linear_probe.py RUN/model DATA   # DATA holds train.jsonl and test.jsonl
+
+scikit-learn is needed (it comes with the test requirements' mlxtend). The figures are in
+docs/generality.md ("Where the rest is lost").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def rows(path: Path) -> tuple[list[str], list[str]]:
+    """(image paths, answers): each sample's first image and last reply."""
+    images, answers = [], []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            images.append(str(path.parent / r["images"][0]))
+            answers.append(r["messages"][-1]["content"][0]["text"])
+    return images, answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a trained run's model folder (a new composition with a CNN or ViT tower)")
+    parser.add_argument("data", help="a folder with train.jsonl and test.jsonl")
+    parser.add_argument("--strengths", type=float, nargs="+", default=[0.003, 0.01, 0.1, 1.0], help="inverse L2 strengths C")
+    args = parser.parse_args()
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        sys.exit("the probe needs scikit-learn: pip install scikit-learn")
+    import torch
+    from tqdm.auto import tqdm
+
+    from vlmkit.build import load
+    from vlmkit.data.images import load_image
+    from vlmkit.model.projector import grid_side, pool_grid
+
+    model, processor = load(args.model, device="cpu")
+    model.eval()
+
+    def grids(paths: list[str]) -> torch.Tensor:
+        out = []
+        with torch.inference_mode():
+            for i in tqdm(range(0, len(paths), 32), desc="encoding", unit="batch", file=sys.stderr):
+                pixels = processor.pixel_values([load_image(p) for p in paths[i : i + 32]])
+                out.append(model.vision_tower(pixels.to(model.dtype_of(model.vision_tower))).float())
+        return torch.cat(out)
+
+    data = Path(args.data)
+    train_paths, y_train = rows(data / "train.jsonl")
+    test_paths, y_test = rows(data / "test.jsonl")
+    full_train, full_test = grids(train_paths), grids(test_paths)
+    side = grid_side(model.config.image_tokens)
+    views = {
+        f"the {side}x{side} pooled tokens": lambda g: pool_grid(g, side).flatten(1),
+        "their mean": lambda g: pool_grid(g, side).mean((1, 2)),
+        f"the whole {full_train.shape[1]}x{full_train.shape[2]} grid before pooling": lambda g: g.flatten(1),
+    }
+    print(f"{len(y_train)} training and {len(y_test)} held-out samples; tower grid {tuple(full_train.shape[1:])}")
+    print("| features | C | held-out | training |\n|---|---|---|---|")
+    for name, view in views.items():
+        a, b = view(full_train).numpy(), view(full_test).numpy()
+        mean, std = a.mean(0), a.std(0) + 1e-6
+        a, b = (a - mean) / std, (b - mean) / std
+        for c in args.strengths:
+            fit = LogisticRegression(C=c, max_iter=2000).fit(a, y_train)
+            print(f"| {name} | {c:g} | {fit.score(b, y_test):.3f} | {fit.score(a, y_train):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
