@@ -71,13 +71,13 @@ def test_questions_train_only_for_a_new_composition_with_supervised_replies():
 
 
 @pytest.mark.parametrize("samples, per_step, steps", [
-    (2000, 4, 3 * 500),          # 500 a epoch: three epochs, short of MIN_STEPS
-    (2500, 4, 3 * 625),
-    (4000, 4, MIN_STEPS),        # 1000 a epoch: two epochs
-    (12000, 4, 3000),            # more than MIN_STEPS: one epoch
-    (100, 4, 3 * 25),            # tiny data: at most three epochs
+    (2000, 4, 6 * 500),          # 500 a epoch: six epochs, short of MIN_STEPS
+    (2500, 4, 6 * 625),
+    (8000, 4, MIN_STEPS),        # 2000 a epoch: two epochs
+    (24000, 4, 6000),            # more than MIN_STEPS: one epoch
+    (100, 4, 6 * 25),            # tiny data: at most six epochs
     (40000, 4, 10000),           # large data: one epoch
-    (1500, 16, 3 * 94),          # 94 a epoch: capped at three
+    (1500, 16, 6 * 94),          # 94 a epoch: capped at six
 ])
 def test_steps_follow_the_data_size(samples, per_step, steps):
     choice = choose_steps(samples, per_step)
@@ -151,7 +151,7 @@ def test_the_defaults_train_a_new_composition(parts, shapes, tmp_path, lm):
     summary = train(cfg)
     recipe = summary["recipe"]
     assert recipe["method"]["value"] == "lora" and recipe["image_tokens"]["value"] == 9
-    assert recipe["steps"]["value"] == summary["steps"] == 3 * 6  # 24 samples, 6 steps an epoch, three epochs
+    assert recipe["steps"]["value"] == summary["steps"] == 6 * 6  # 24 samples, 6 steps an epoch, six epochs
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert (saved["method"], saved["lr"], saved["batch_size"], saved["column_words"], saved["image_positions"]) == (
         "lora", 1e-3, 4, False, False)

@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=None,
                    help="train for about this many minutes on this machine (max_minutes: the steps are fixed by "
                    "timing the first ones; default: 10 on CPU, on a GPU the recipe's steps); 0: the recipe's own "
-                   "steps (three epochs, 1,500 steps of 4: about 11 minutes on 2 CPU cores). Measured results: "
+                   "steps (six epochs, 3,000 steps of 4: about 22 minutes on 2 CPU cores). Measured results: "
                    "docs/generality.md")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides, as for `vlmkit train`")
     p.set_defaults(func=cmd_quickstart)
@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(e.g. vision=./my_clip llm=./my_lm stage=align max_steps=100 lr=1e-4); every key and its default: "
                        "docs/config.md. Keys you leave unset follow the default recipe, chosen from the parts, the "
                        "device and the data's size (LoRA on the LM's attention beside a new projector, batch 4 on CPU, "
-                       "3x3 image tokens, at least 750 steps and at most three epochs...); the log, config.yaml and "
+                       "3x3 image tokens, at least 4,000 steps and one epoch, at most six epochs...); the log, config.yaml and "
                        "train_summary.json say what was chosen and why. max_minutes=N trains for about N minutes. "
                        "objective=contrastive trains a dual encoder for retrieval instead (loss=clip|siglip, text=...; "
                        "docs/retrieval.md).")

@@ -70,7 +70,7 @@ class TrainConfig:
     feature_dropout: float = 0.0  # share of the image features' values zeroed while training (before the projector)
     group_by_length: bool = True  # batches of samples of similar length: less padding, faster steps
     # optimisation
-    epochs: float | None = None  # None: at least 2000 steps and one epoch, at most three epochs (vlmkit/recipe.py)
+    epochs: float | None = None  # None: at least 4000 steps and one epoch, at most six epochs (vlmkit/recipe.py)
     max_steps: int = 0  # > 0 overrides epochs and max_minutes
     max_minutes: float = 0.0  # > 0: about this many minutes of steps, the count fixed by timing the first (overrides epochs)
     batch_size: int | None = None  # None: 4 on CPU, 16 on a GPU

@@ -36,7 +36,7 @@ CPU_MINUTES = 10.0  # `vlmkit quickstart` on a CPU: about this many minutes of t
 
 def default_minutes(device_type: str) -> float | None:
     """The command's time budget when `--minutes` is not given: on CPU about CPU_MINUTES of training
-    (the recipe's three epochs of 2,000 images take about 11 on 2 cores), on a GPU the recipe's own steps."""
+    (the recipe's six epochs of 2,000 images take about 22 on 2 cores), on a GPU the recipe's own steps."""
     return CPU_MINUTES if device_type == "cpu" else None
 
 

@@ -24,8 +24,8 @@ from vlmkit.model.vision import BUILTIN_SIZE, BUILTIN_STRIDE, BUILTIN_VISION
 LORA_LR, NEW_LORA_LR, FULL_LR = 5e-4, 1e-3, 1e-4
 CPU_BATCH, GPU_BATCH = 4, 16
 TOKENS_SIDE = 3  # image tokens per side: a 3x3 grid keeps left / middle / right and top / middle / bottom apart
-MIN_STEPS = 2000  # a new projector and adapters need about this many optimizer steps...
-MAX_EPOCHS = 3  # ...but no sample is seen more than three times
+MIN_STEPS = 4000  # a new projector and adapters need about this many optimizer steps...
+MAX_EPOCHS = 6  # ...but no sample is seen more than six times
 PAIR_MIN_STEPS = 750  # a contrastive run (vlmkit.train.contrastive): at least this many steps and one epoch
 
 
