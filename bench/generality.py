@@ -50,12 +50,12 @@ PREVIOUS = ["method=full", "lr=1e-4", "batch_size=16", "epochs=1", "image_tokens
 # `--baseline first`: the first default recipe (2026-12-02), before the CNN's last block, adapters at 1e-3 and
 # at least 2,000 steps: its rule (at least 750 steps, at most three epochs) gives 750 on every dataset here
 FIRST = ["vision_feature_layer=-1", "lr=5e-4", "max_steps=750", "train_on_prompt=false"]
-# `--baseline replies`: the recipe of 2026-12-02 before the questions' words were trained too (replies only, three
-# epochs)
-REPLIES = ["train_on_prompt=false", "epochs=3"]
 # `--baseline three`: the recipe of 2026-12-03 before six epochs: at least 2,000 steps and at most three epochs,
 # which is three epochs on every dataset here
 THREE = ["epochs=3"]
+# `--baseline replies`: the recipe of 2026-12-02 before the questions' words were trained too (replies only, three
+# epochs)
+REPLIES = ["train_on_prompt=false", *THREE]
 BASELINES = {"previous": PREVIOUS, "first": FIRST, "replies": REPLIES, "three": THREE}
 TRAIN_SEED, TEST_SEED = 0, 1  # the data seeds: the datasets are fixed, only training seeds vary
 SHORT_TOKENS, CAPTION_TOKENS = 12, 64  # max_new_tokens when generating the held-out replies
