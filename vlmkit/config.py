@@ -37,7 +37,7 @@ class TrainConfig:
     standardize_features: bool = True  # projector inputs standardised with the training images' statistics
     image_tokens: int | None = None  # tokens per image (a square number); None: chosen from the tower (vlmkit/recipe.py)
     image_positions: bool | None = None  # a learned embedding per image-token position; None: for towers without their own (CNNs)
-    position_words: bool | None = None  # those embeddings start as the LM's words " left" ... " right", by grid column; None: with column_words
+    position_words: bool | None = None  # those embeddings start at the LM's words for their grid column and row (" left" + " top"...); None: with column_words
     column_words: bool | None = None  # lay each image out column by column, each after its word (" left", " middle", " right"); None: for 2 or 3 columns
     projector_init: str = "auto"  # auto | random | text: image tokens start at the words the replies say about them
     train_on_prompt: bool | None = None  # the user turns' words are trained too, not only the replies; None: for a new composition

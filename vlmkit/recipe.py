@@ -223,7 +223,7 @@ def resolve(cfg: TrainConfig, device_type: str | None = None) -> tuple[TrainConf
             take(choice)
         if cfg.position_words is None:
             words = values.get("column_words", cfg.column_words) and values.get("image_positions", cfg.image_positions)
-            take(Choice("position_words", bool(words), "the position embeddings start at the column words" if words
+            take(Choice("position_words", bool(words), "the position embeddings start at the column and row words" if words
                         else "no column words to start from"))
     if cfg.position_words and not values.get("image_positions", cfg.image_positions):
         raise VlmkitError("config field `position_words` needs `image_positions=true` (the embeddings it starts)")

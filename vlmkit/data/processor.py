@@ -38,6 +38,7 @@ CHAT_TEMPLATE = (
 
 
 COLUMN_WORDS = {2: [" left", " right"], 3: [" left", " middle", " right"]}
+ROW_WORDS = {2: [" top", " bottom"], 3: [" top", " middle", " bottom"]}
 
 
 def grid_column_words(side: int, key: str = "column_words") -> list[str]:
@@ -45,6 +46,12 @@ def grid_column_words(side: int, key: str = "column_words") -> list[str]:
     if side not in COLUMN_WORDS:
         raise VlmkitError(f"{key} needs a 2x2 or 3x3 grid of image tokens (image_tokens=4 or 9), not {side}x{side}")
     return COLUMN_WORDS[side]
+
+
+def grid_row_words(side: int, key: str = "position_words") -> list[str]:
+    """The words for the rows of a side x side grid of image tokens, top to bottom."""
+    grid_column_words(side, key)  # the same grids have words, with the same error
+    return ROW_WORDS[side]
 
 
 def ensure_special_tokens(tokenizer) -> bool:

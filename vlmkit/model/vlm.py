@@ -160,18 +160,21 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.feature_std.copy_(flat.std(0).clamp_min(1e-3))
 
     @torch.no_grad()
-    def set_position_words(self, column_words: torch.Tensor, features: torch.Tensor) -> None:
-        """Start each image token's position embedding at the word embedding of its grid column
-        (`column_words`: (side, H), e.g. the LM's " left" and " right"), at the mean norm of the projector's
-        output on `features` (N, g, g, D): the LM then reads which half of the image a token covers from
-        the first step, instead of learning it from a zero start."""
+    def set_position_words(self, column_words: torch.Tensor, row_words: torch.Tensor, features: torch.Tensor) -> None:
+        """Start each image token's position embedding at the sum of the word embeddings of its grid column
+        and row (`column_words`, `row_words`: (side, H), e.g. the LM's " left" / " right" and " top" /
+        " bottom"; each word at unit norm), rescaled to the mean norm of the projector's output on
+        `features` (N, g, g, D): the LM then reads which part of the image a token covers from the first
+        step, instead of learning it from a zero start."""
         side = grid_side(self.config.image_tokens)
-        if column_words.shape[0] != side:
-            raise VlmkitError(f"position words: {column_words.shape[0]} column words for a {side}x{side} grid")
+        for name, words in (("column", column_words), ("row", row_words)):
+            if words.shape[0] != side:
+                raise VlmkitError(f"position words: {words.shape[0]} {name} words for a {side}x{side} grid")
         scale = self.projector(self.standardize(features)).norm(dim=-1).mean()  # the content it is added to
-        columns = torch.arange(self.config.image_tokens) % side  # row-major grid: token i is in column i % side
-        words = column_words[columns].to(self.projector.position)
-        self.projector.position.copy_(words / words.norm(dim=-1, keepdim=True) * scale)
+        token = torch.arange(self.config.image_tokens)  # row-major grid: token i is in row i // side, column i % side
+        unit = nn.functional.normalize
+        words = unit(column_words, dim=-1)[token % side] + unit(row_words, dim=-1)[token // side]
+        self.projector.position.copy_(unit(words.to(self.projector.position), dim=-1) * scale)
 
     @torch.no_grad()
     def fit_projector_head(self, features: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-3) -> float:

@@ -7,7 +7,7 @@ new composition, each a config key, each using the training data itself.
 - `projector_init=text`: the projector's last layer is fitted in closed form so that each image's
   tokens start at the words its training replies say (`reply_targets`);
 - `position_words` (with `image_positions`): the image-position embeddings start at the LM's words for
-  the grid's columns (" left", " right"), at the norm of the projector's output.
+  the grid's column and row (" left" + " top", ...), at the norm of the projector's output.
 
 Models given as `model=` (already trained) are left as they are.
 """
@@ -20,7 +20,7 @@ from collections import Counter
 import torch
 
 from vlmkit.config import TrainConfig
-from vlmkit.data.processor import IGNORE_INDEX, grid_column_words
+from vlmkit.data.processor import IGNORE_INDEX, grid_column_words, grid_row_words
 from vlmkit.errors import VlmkitError
 from vlmkit.model.projector import grid_side
 from vlmkit.train.features import ImageSource, features_for
@@ -57,12 +57,14 @@ def word_embeddings(model, tokenizer, words: list[str]) -> torch.Tensor:
 
 
 def start_positions_at_words(model, tokenizer, images: ImageSource, paths: list[str]) -> None:
-    """`position_words`: each image-position embedding starts at its grid column's word, at the norm of the
-    projector's output on the images at `paths`."""
+    """`position_words`: each image-position embedding starts at its grid column's and row's words, at the
+    norm of the projector's output on the images at `paths`."""
     if not hasattr(model, "set_position_words"):
         raise VlmkitError(f"position_words: {type(model).__name__} has no image-position embeddings to start")
-    words = grid_column_words(grid_side(model.config.image_tokens), key="position_words")
-    model.set_position_words(word_embeddings(model, tokenizer, words), features_for(model, images, paths))
+    side = grid_side(model.config.image_tokens)
+    columns, rows = (word_embeddings(model, tokenizer, words(side, key="position_words"))
+                     for words in (grid_column_words, grid_row_words))
+    model.set_position_words(columns, rows, features_for(model, images, paths))
 
 
 def reply_targets(model, examples) -> tuple[list[str], torch.Tensor]:
