@@ -20,7 +20,7 @@ from vlmkit.train.loop import train
 @pytest.mark.slow
 def test_default_parts_train_and_answer(tmp_path):
     data = make_shapes_dataset(tmp_path / "data", "train", 48, seed=0, questions_per_image=3, captions=False)
-    cfg = load_config(None, ["max_steps=8", "batch_size=6", "save_every=0"], data=str(data), output=str(tmp_path / "run"))
+    cfg = load_config(None, ["max_steps=12", "batch_size=6", "save_every=0"], data=str(data), output=str(tmp_path / "run"))
     summary = train(cfg)
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     first, last = history[0]["loss"], sum(r["loss"] for r in history[-3:]) / 3
