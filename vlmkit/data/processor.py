@@ -43,15 +43,18 @@ ROW_WORDS = {2: [" top", " bottom"], 3: [" top", " middle", " bottom"]}
 
 def grid_column_words(side: int, key: str = "column_words") -> list[str]:
     """The words for the columns of a side x side grid of image tokens (`key`: the config key asking)."""
-    if side not in COLUMN_WORDS:
-        raise VlmkitError(f"{key} needs a 2x2 or 3x3 grid of image tokens (image_tokens=4 or 9), not {side}x{side}")
-    return COLUMN_WORDS[side]
+    return _grid_words(COLUMN_WORDS, side, key)
 
 
 def grid_row_words(side: int, key: str = "position_words") -> list[str]:
     """The words for the rows of a side x side grid of image tokens, top to bottom."""
-    grid_column_words(side, key)  # the same grids have words, with the same error
-    return ROW_WORDS[side]
+    return _grid_words(ROW_WORDS, side, key)
+
+
+def _grid_words(words: dict[int, list[str]], side: int, key: str) -> list[str]:
+    if side not in words:
+        raise VlmkitError(f"{key} needs a 2x2 or 3x3 grid of image tokens (image_tokens=4 or 9), not {side}x{side}")
+    return words[side]
 
 
 def ensure_special_tokens(tokenizer) -> bool:
