@@ -54,7 +54,8 @@ def test_quickstart_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert {"n", "exact_match", "vqa_accuracy", "bleu4", "rougeL", "cider"} <= set(report) and report["n"] == 12
     assert result["after"]["exact_match"] == report["exact_match"]
     assert len((out / "eval.predictions.jsonl").read_text().splitlines()) == 12
-    assert json.loads((out / "quickstart.json").read_text())["model"] == str(out / "model")
+    written = json.loads((out / "quickstart.json").read_text())
+    assert written["model"] == str(out / "model") and written["steps"] == 6
     assert (out / "model" / "config.json").is_file() and (out / "loss.png").is_file()
     printed = capsys.readouterr().out
     assert "held-out exact match" in printed and f"vlmkit generate --model {out / 'model'}" in printed

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vlmkit.config import load_config
 from vlmkit.data.shapes import make_shapes_dataset
+from vlmkit.io import atomic_write_text
 from vlmkit.recipe import resolve
 
 # One short conversation per image: what limits learning here is the number of optimizer steps, and
@@ -82,13 +83,15 @@ def quickstart(output: str = "runs/quickstart", minutes: float | None = None, ov
         "before": {k: before[k] for k in ("exact_match", "vqa_accuracy")},
         "after": {k: after[k] for k in ("exact_match", "vqa_accuracy", "bleu4", "rougeL", "cider")},
         "by_type": after["by_type"],
+        "steps": summary["steps"],
+        "budget": summary.get("budget"),  # max_minutes: the timed seconds a step and the steps chosen
         "train_seconds": summary["train_seconds"],
         "precision": f"{summary['precision']} ({summary['precision_reason']})",
         "total_seconds": round(time.time() - started, 1),
         "model": summary["model"],
         "report": str(out / "eval.json"),
     }
-    (out / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "quickstart.json", json.dumps(result, indent=2) + "\n")
     print_summary(result, test_file, out)
     return result
 
