@@ -1,5 +1,5 @@
-"""bench/quickstart.py without training: seeds already run are read back, the others run with the seed and
-the budget, and the table gives each configuration's minimum over the seeds."""
+"""bench/quickstart.py without training (seeds already run are read back, the others run with the seed and
+the budget, the table gives each configuration's minimum over the seeds), and the quickstart's line on its budget."""
 
 import json
 import sys
@@ -46,3 +46,12 @@ def test_baseline_keys_are_training_keys():
     from vlmkit.config import load_config
 
     load_config(None, bench.BASELINE, data="d.jsonl")  # a removed key fails here, not after an hour of runs
+
+
+def test_the_quickstart_summary_says_what_share_of_the_recipes_steps_the_budget_gave():
+    from vlmkit.quickstart import budget_line
+
+    budget = {"max_minutes": 10.0, "seconds_per_step": 0.625, "steps": 960, "steps_without_budget": 3000}
+    assert budget_line(budget) == ["  960 steps: 10 minutes at 0.62 s a step on this machine, 32% of the recipe's own "
+                                   "3000 (`--minutes 0`)"]
+    assert budget_line(None) == []  # max_steps or --minutes 0: no budget to explain

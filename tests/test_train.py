@@ -363,9 +363,26 @@ def test_max_minutes_fixes_the_steps_by_timing_and_resumes_exactly(parts, shapes
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
 
-    whole = train(tiny_config(parts, shapes, tmp_path / "whole", *budget))
+    whole = train(tiny_config(parts, shapes, tmp_path / "whole", *budget, "epochs=2"))
     assert whole["budget"]["steps"] == whole["steps"] and whole["budget"]["seconds_per_step"] > 0
     assert whole["steps"] == steps_for(0.1, whole["budget"]["seconds_per_step"])
+    samples = len(load_samples(shapes[0]))  # what two epochs of batch 4 would have been, reported beside the budget
+    assert whole["budget"]["steps_without_budget"] == math.ceil(2 * samples / 4)
+
+
+def test_steps_without_a_budget_are_the_epochs_or_the_recipes_choice():
+    from types import SimpleNamespace
+
+    from vlmkit.recipe import choose_steps
+    from vlmkit.train.loop import unbudgeted_steps
+
+    def run(epochs, world=1):
+        cfg = SimpleNamespace(epochs=epochs, batch_size=4, grad_accum=2)
+        return SimpleNamespace(cfg=cfg, examples=[None] * 1000, dist=SimpleNamespace(world=world))
+
+    assert unbudgeted_steps(run(3)) == (375, None) and unbudgeted_steps(run(0)) == (0, None)
+    steps, choice = unbudgeted_steps(run(None, world=2))  # the recipe: from the samples a step takes on all ranks
+    assert choice == choose_steps(1000, 16) and steps == choice.value
 
 
 def test_feature_statistics_are_set_without_cached_features(parts, shapes, tmp_path):

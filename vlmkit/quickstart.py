@@ -96,6 +96,19 @@ def quickstart(output: str = "runs/quickstart", minutes: float | None = None, ov
     return result
 
 
+def budget_line(budget: dict | None) -> list[str]:
+    """How many steps the time budget gave on this machine, against the recipe's own (a slower machine gets
+    fewer, and learns less)."""
+    if not budget:
+        return []
+    line = (f"  {budget['steps']} steps: {budget['max_minutes']:g} minutes at {budget['seconds_per_step']:.2f} s a step "
+            f"on this machine")
+    if budget.get("steps_without_budget"):
+        line += (f", {budget['steps'] / budget['steps_without_budget']:.0%} of the recipe's own "
+                 f"{budget['steps_without_budget']} (`--minutes 0`)")
+    return [line]
+
+
 def print_summary(result: dict, test_file: Path, out: Path) -> None:
     b, a = result["before"], result["after"]
     image = sorted((out / "data" / "images").glob("test_*.png"))[0]
@@ -107,6 +120,7 @@ def print_summary(result: dict, test_file: Path, out: Path) -> None:
         "  by question: " + ", ".join(f"{k} {v['exact_match']:.2f}" for k, v in result["by_type"].items()),
         f"  training took {result['train_seconds'] / 60:.1f} min in {result['precision']}; everything "
         f"{result['total_seconds'] / 60:.1f} min",
+        *budget_line(result.get("budget")),
         f"  model:  {result['model']}",
         f"  report: {result['report']}  (loss curves: {out / 'loss.png'})",
         "",

@@ -229,15 +229,13 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
         return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused or None)
 
     if not cfg.max_steps and cfg.max_minutes > 0:
-        fix_steps_to_budget(run, runner, rank_slice, make_optimizer)
+        fix_steps_to_budget(run, runner, rank_slice, make_optimizer, *unbudgeted_steps(run))
     if cfg.max_steps:
         total_steps = cfg.max_steps
-    elif cfg.epochs is None:  # as many steps as the data's size calls for
-        choice = choose_steps(len(run.examples), per_step * dist.world)
-        run.recipe.append(choice)
-        total_steps = choice.value
     else:
-        total_steps = max(1, math.ceil(cfg.epochs * len(run.examples) / per_step))
+        total_steps, choice = unbudgeted_steps(run)
+        if choice is not None:
+            run.recipe.append(choice)
     if run.recipe:
         run.say("chosen for this run: " + "; ".join(map(str, run.recipe)))
     optimizer = make_optimizer()
@@ -303,15 +301,28 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
     return True
 
 
-def fix_steps_to_budget(run: Run, runner, rank_slice: slice, make_optimizer) -> None:
-    """`max_minutes`: time the first steps, set `max_steps` to what fits and save it in the run's config."""
+def unbudgeted_steps(run: Run) -> tuple[int, Choice | None]:
+    """The steps without `max_steps` or `max_minutes`: `epochs` passes, or with `epochs` unset the recipe's
+    choice from the data's size (returned too, with its reason)."""
+    cfg, per_step = run.cfg, run.cfg.batch_size * run.cfg.grad_accum
+    if cfg.epochs is None:
+        choice = choose_steps(len(run.examples), per_step * run.dist.world)
+        return choice.value, choice
+    return (max(1, math.ceil(cfg.epochs * len(run.examples) / per_step)) if cfg.epochs > 0 else 0), None
+
+
+def fix_steps_to_budget(run: Run, runner, rank_slice: slice, make_optimizer, without: int, choice: Choice | None) -> None:
+    """`max_minutes`: time the first steps, set `max_steps` to what fits and save it in the run's config.
+    `without` (and the recipe's `choice`, if it made one): the steps the run would take without the budget,
+    reported beside the budget's."""
     cfg = run.cfg
     seconds = time_steps(run, runner, rank_slice, make_optimizer)
     cfg.max_steps = steps_for(cfg.max_minutes, seconds)
     run.budget = {"max_minutes": cfg.max_minutes, "seconds_per_step": seconds, "steps": cfg.max_steps,
-                  "timed_steps": TIMED_STEPS}
+                  "timed_steps": TIMED_STEPS, "steps_without_budget": without}
+    unbudgeted = f"{without} ({choice.reason if choice is not None else f'epochs={cfg.epochs:g}'})" if without else "none"
     run.say(f"max_minutes={cfg.max_minutes:g}: {seconds:.3f} s a step over {TIMED_STEPS} timed steps -> "
-            f"max_steps={cfg.max_steps} (saved in config.yaml, so --resume keeps it)")
+            f"max_steps={cfg.max_steps} (saved in config.yaml, so --resume keeps it); steps without the budget: {unbudgeted}")
     if run.dist.main:
         cfg.save(run.out / "config.yaml")
 
