@@ -101,8 +101,9 @@ def budget_line(budget: dict | None) -> list[str]:
     fewer, and learns less)."""
     if not budget:
         return []
-    line = (f"  {budget['steps']} steps: {budget['max_minutes']:g} minutes at {budget['seconds_per_step']:.2f} s a step "
-            f"on this machine")
+    minutes = budget["max_minutes"]
+    line = (f"  {budget['steps']} steps: {minutes:g} minute{'' if minutes == 1 else 's'} at "
+            f"{budget['seconds_per_step']:.2f} s a step on this machine")
     if budget.get("steps_without_budget"):
         line += (f", {budget['steps'] / budget['steps_without_budget']:.0%} of the recipe's own "
                  f"{budget['steps_without_budget']} (`--minutes 0`)")
