@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/quickstart", help="run folder (default runs/quickstart)")
     p.add_argument("--minutes", type=float, default=None,
                    help="train for about this many minutes on this machine (max_minutes: the steps are fixed by "
-                   "timing the first ones; default: 10 on CPU, on a GPU the recipe's steps); 0: the recipe's own "
+                   "timing a few; default: 10 on CPU, on a GPU the recipe's steps); 0: the recipe's own "
                    "steps (six epochs, 3,000 steps of 4: about 22 minutes on 2 CPU cores). Measured results: "
                    "docs/generality.md")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides, as for `vlmkit train`")

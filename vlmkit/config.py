@@ -72,7 +72,7 @@ class TrainConfig:
     # optimisation
     epochs: float | None = None  # None: at least 4000 steps and one epoch, at most six epochs (vlmkit/recipe.py)
     max_steps: int = 0  # > 0 overrides epochs and max_minutes
-    max_minutes: float = 0.0  # > 0: about this many minutes of steps, the count fixed by timing the first (overrides epochs)
+    max_minutes: float = 0.0  # > 0: about this many minutes of steps, the count fixed by timing a few (overrides epochs)
     batch_size: int | None = None  # None: 4 on CPU, 16 on a GPU
     grad_accum: int = 1
     lr: float | None = None  # language model (or LoRA) learning rate; None: LoRA 1e-3 on a new composition, 5e-4 on a trained VLM, 1e-4 in full

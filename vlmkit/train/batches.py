@@ -52,3 +52,16 @@ def epoch_batches(examples, batch_size: int, seed: int, epoch: int, per_epoch: i
     batches = [grouped[k * batch_size : (k + 1) * batch_size] for k in range(per_epoch)]
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)
     return [batches[i] for i in torch.randperm(per_epoch, generator=g).tolist()]
+
+
+def spread_batches(examples, batch_size: int, seed: int, count: int, group_by_length: bool) -> list[list]:
+    """`count` of one epoch's batches, as a run with this seed would draw them, picked at evenly spaced ranks
+    of their width (their longest sample: what a batch is padded to), shortest first. A few of them cost what
+    the epoch's steps cost on average, whether a step's time follows its tokens (a CPU) or not (a GPU's
+    fixed cost), where the epoch's first few could all be short or all long (grouped by length, a batch holds
+    samples of one length). `max_minutes` times them."""
+    per_epoch = max(1, len(examples) // batch_size)
+    batches = epoch_batches(examples, batch_size, seed, 0, per_epoch, group_by_length)
+    by_width = sorted(batches, key=lambda b: max(examples[i].length for i in b))
+    return [[examples[i] for i in by_width[int((k + 0.5) * len(by_width) / count)]] for k in range(count)]
+

@@ -1,6 +1,7 @@
 """`max_minutes`: train for about N minutes, on any machine, with a schedule that spans the run.
 
-The number of steps is fixed before the first one: a few whole steps are timed on the run's own batches
+The number of steps is fixed before the first one: a few whole steps are timed on the run's own batches,
+picked across an epoch's from the narrowest to the widest so that they cost what an average step does
 (forward, backward, clipping, and the AdamW update through a throwaway optimizer with learning rate 0,
 which leaves every weight exactly as it was; the gradients are then thrown away and the random-number
 state put back, so the timing leaves no trace), and the budget divided by that time gives the steps. The
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-from vlmkit.train.batches import batches_from
+from vlmkit.train.batches import spread_batches
 from vlmkit.train.checkpoint import capture_rng, restore_rng
 
 WARM_STEPS = 2  # untimed: the first passes allocate and pick kernels
@@ -33,7 +34,10 @@ def time_steps(run, runner, rank_slice: slice, make_optimizer) -> float:
     the ranks of a multi-process run."""
     cfg, dist, objective = run.cfg, run.dist, run.objective
     rng = capture_rng()
-    batches = batches_from(run.examples, cfg.batch_size * dist.world, cfg.seed + 1, 0, cfg.group_by_length)
+    timed = spread_batches(run.examples, cfg.batch_size * dist.world, cfg.seed + 1, TIMED_STEPS * cfg.grad_accum,
+                           cfg.group_by_length)
+    warm = [timed[len(timed) // 2]] * (WARM_STEPS * cfg.grad_accum)  # a batch of the median width
+    batches = iter(warm + timed)
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     probe = make_optimizer(0.0)  # its state is thrown away with it
     elapsed = 0.0
