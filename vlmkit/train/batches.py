@@ -56,10 +56,10 @@ def epoch_batches(examples, batch_size: int, seed: int, epoch: int, per_epoch: i
 
 def spread_batches(examples, batch_size: int, seed: int, count: int, group_by_length: bool) -> list[list]:
     """`count` of one epoch's batches, as a run with this seed would draw them, picked at evenly spaced ranks
-    of their width (their longest sample: what a batch is padded to), narrowest first. A few of them cost what
-    the epoch's steps cost on average, whether a step's time follows its tokens (a CPU) or not (a GPU's
-    fixed cost), where the epoch's first few could all be short or all long (grouped by length, a batch holds
-    samples of one length). `max_minutes` times them."""
+    of their width (their longest sample: what a batch is padded to), narrowest first. `max_minutes` times them:
+    together they cost what the epoch's steps cost on average, whether a step's time follows its tokens (a CPU)
+    or not (a GPU's fixed cost), where the epoch's first few batches could all be short or all long (grouped
+    by length, a batch holds samples of one length)."""
     per_epoch = max(1, len(examples) // batch_size)
     batches = epoch_batches(examples, batch_size, seed, 0, per_epoch, group_by_length)
     by_width = sorted(batches, key=lambda b: max(examples[i].length for i in b))

@@ -322,7 +322,7 @@ def fix_steps_to_budget(run: Run, runner, rank_slice: slice, make_optimizer, wit
                   "timed_steps": TIMED_STEPS, "steps_without_budget": without}
     unbudgeted = f"{without} ({choice.reason if choice is not None else f'epochs={cfg.epochs:g}'})" if without else "none"
     run.say(f"max_minutes={cfg.max_minutes:g}: {seconds:.3f} s a step over {TIMED_STEPS} timed steps (batches from the "
-           f"epoch's narrowest to its widest) -> "
+            f"epoch's narrowest to its widest) -> "
             f"max_steps={cfg.max_steps} (saved in config.yaml, so --resume keeps it); steps without the budget: {unbudgeted}")
     if run.dist.main:
         cfg.save(run.out / "config.yaml")
