@@ -15,6 +15,7 @@ from vlmkit.data.processor import IGNORE_INDEX
 from vlmkit.data.schema import Sample, load_samples
 from vlmkit.errors import VlmkitError
 from vlmkit.build import compose, load_model
+from vlmkit.train.average import WeightAverage
 from vlmkit.train.loop import train
 
 
@@ -108,7 +109,8 @@ def test_feature_dropout_drops_image_features_while_training_only(parts, shapes,
         train_mode(torch.nn.Linear(2, 2), tiny_config(parts, shapes, tmp_path / "run", "feature_dropout=0.5"))
 
 
-@pytest.mark.parametrize("extra", [[], ["feature_dropout=0.3", "train_on_prompt=true"]], ids=["plain", "feature_dropout_and_prompt"])
+@pytest.mark.parametrize("extra", [[], ["feature_dropout=0.3", "train_on_prompt=true"], ["ema=0.25"]],
+                         ids=["plain", "feature_dropout_and_prompt", "ema"])
 def test_resume_gives_the_same_weights(parts, shapes, tmp_path, extra):
     full = train(tiny_config(parts, shapes, tmp_path / "full", *extra))
     stopped = train(tiny_config(parts, shapes, tmp_path / "cut", *extra), stop_after=3)
@@ -118,6 +120,33 @@ def test_resume_gives_the_same_weights(parts, shapes, tmp_path, extra):
     b, _ = load_model(resumed["model"])
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def test_weight_average_lags_the_weights_by_its_time_constant():
+    weight = torch.nn.Parameter(torch.zeros(3))
+    average = WeightAverage([("w", weight)], share=0.5, total_steps=20)  # a time constant of 10 steps
+    for step in range(1, 61):  # the weight climbs one a step: the average trails by about the time constant
+        with torch.no_grad():
+            weight.fill_(float(step))
+        average.update()
+    assert 60 - 11 < average.shadow[0][0].item() < 60 - 8
+    for _ in range(100):  # a weight that stays put: the average reaches it
+        average.update()
+    assert torch.allclose(average.shadow[0], weight.detach())
+    with torch.no_grad():
+        weight.zero_()
+    average.apply()
+    assert torch.allclose(weight.detach(), torch.full((3,), 60.0))
+
+
+def test_ema_saves_the_average_not_the_last_weights(parts, shapes, tmp_path):
+    last, _ = load_model(train(tiny_config(parts, shapes, tmp_path / "last"))["model"])
+    averaged, _ = load_model(train(tiny_config(parts, shapes, tmp_path / "ema", "ema=0.5"))["model"])
+    assert not torch.equal(last.projector.fc1.weight, averaged.projector.fc1.weight)
+    frozen = last.vision_tower.state_dict()
+    assert all(torch.equal(v, frozen[k]) for k, v in averaged.vision_tower.state_dict().items())
+    with pytest.raises(VlmkitError, match="ema"):
+        tiny_config(parts, shapes, tmp_path / "bad", "ema=0.1", "objective=contrastive")
 
 
 def test_lora_trains_and_merges(parts, shapes, tmp_path):

@@ -82,6 +82,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     max_grad_norm: float = 1.0
+    ema: float = 0.0  # > 0: save a moving average of the trainable weights, time constant ema x the run's steps
     precision: str = "auto"  # auto | fp32 | bf16 (autocast)
     seed: int = 0
     # bookkeeping
@@ -94,6 +95,9 @@ class TrainConfig:
             raise VlmkitError(f"config field `objective`: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         if self.objective == "contrastive" and self.feature_dropout > 0:
             raise VlmkitError("config field `feature_dropout` applies to a VLM's projector, not to objective=contrastive")
+        if self.ema < 0 or (self.ema > 0 and "contrastive" in (self.objective, self.stage)):
+            raise VlmkitError(f"config field `ema`: {self.ema} is not used here; give a share of the run's steps above "
+                              "0 (0.1 is typical) for generative training, or 0 for none")
         if self.objective == "contrastive" and self.stage == "contrastive":
             raise VlmkitError("stage=contrastive aligns a VLM's projector; objective=contrastive trains a dual "
                               "encoder: give one of them")

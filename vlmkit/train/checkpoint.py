@@ -1,7 +1,7 @@
 """Resumable checkpoints and the final model folder, both written atomically.
 
 A checkpoint is one file, `checkpoint/state.pt`: the trainable weights (by name), optimizer, scheduler,
-RNG states, step and loss history. It is written to a temporary file and renamed over the old one, so a
+RNG states, step and loss history, and the weights' moving average when `ema` keeps one. It is written to a temporary file and renamed over the old one, so a
 run killed mid-write still has the previous checkpoint intact.
 """
 
@@ -19,7 +19,7 @@ from vlmkit.io import atomic_write
 STATE = "state.pt"
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, history: list, rng: dict) -> None:
+def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, history: list, rng: dict, average=None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {
         "trainable": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
@@ -28,11 +28,12 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, histor
         "step": step,
         "history": history,
         "rng": rng,
+        **({"average": average.state_dict()} if average is not None else {}),
     }
     atomic_write(folder / STATE, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[int, list]:
+def load_checkpoint(folder: Path, model, optimizer, scheduler, average=None) -> tuple[int, list]:
     path = folder / STATE
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -47,6 +48,10 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[int, lis
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if average is not None:
+        if "average" not in state:
+            raise VlmkitError(f"{path}: the checkpoint holds no weight average (`ema`); resume with the run's own config.yaml")
+        average.load_state_dict(state["average"])
     restore_rng(state["rng"])
     return state["step"], state["history"]
 

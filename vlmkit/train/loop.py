@@ -36,6 +36,7 @@ from vlmkit.errors import VlmkitError
 from vlmkit.io import atomic_write_text
 from vlmkit.model.vlm import VlmkitForConditionalGeneration
 from vlmkit.recipe import Choice, choose_steps, resolve
+from vlmkit.train.average import WeightAverage
 from vlmkit.train.batches import batches_from, first_epoch_chunks
 from vlmkit.train.budget import TIMED_STEPS, steps_for, time_steps
 from vlmkit.train.checkpoint import capture_rng, load_checkpoint, save_checkpoint
@@ -242,10 +243,12 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
     scheduler = cosine_schedule(optimizer, total_steps, round(cfg.warmup_ratio * total_steps), cfg.min_lr_ratio)
     trainable = [p for p in model.parameters() if p.requires_grad]
     run.trainable_parameters = sum(p.numel() for p in trainable)
+    average = WeightAverage([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.ema, total_steps) \
+        if cfg.ema > 0 else None
 
     step = 0
     if resume:
-        step, run.history = load_checkpoint(run.out / CHECKPOINT, model, optimizer, scheduler)
+        step, run.history = load_checkpoint(run.out / CHECKPOINT, model, optimizer, scheduler, average)
         run.say(f"resuming at step {step}/{total_steps}")
     from torch.utils.tensorboard import SummaryWriter
 
@@ -279,6 +282,8 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if average is not None:
+            average.update()
         step += 1
         record = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[-1], "grad_norm": float(grad_norm), **metrics}
         if run.eval_examples and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and (dist.main or run.fsdp):
@@ -291,13 +296,17 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
         bar.set_postfix(loss=f"{loss_sum:.3f}")
         stopping = stop_after is not None and step >= stop_after
         if dist.main and not run.fsdp and (stopping or (cfg.save_every and step % cfg.save_every == 0 and step < total_steps)):
-            save_checkpoint(run.out / CHECKPOINT, model, optimizer, scheduler, step, run.history, capture_rng())
+            save_checkpoint(run.out / CHECKPOINT, model, optimizer, scheduler, step, run.history, capture_rng(), average)
         if stopping:
             bar.close()
             dist.barrier()
             return False
     bar.close()
     run.train_seconds, run.steps = time.time() - start, step
+    if average is not None:  # the final eval and the saved model use the average
+        average.apply()
+        run.say(f"ema={cfg.ema:g}: the trained weights are replaced by their moving average (time constant "
+                f"{cfg.ema * total_steps:.0f} steps)")
     return True
 
 
