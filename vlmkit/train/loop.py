@@ -8,8 +8,8 @@
 4. finish: the final eval loss, the model, the history and the summary (`finish.py`).
 
 The data order is a function of (seed, epoch) only (`batches.py`), and a checkpoint holds the trainable
-weights, optimizer, scheduler, RNG states and the step, so a run killed at any moment and resumed with
-`--resume` ends with the same weights as one that never stopped. Everything is written to a temporary
+weights, optimizer, scheduler, RNG states, the step and the weights' moving average (`ema`), so a run
+killed at any moment and resumed with `--resume` ends with the same weights as one that never stopped. Everything is written to a temporary
 file or folder and renamed into place.
 """
 
