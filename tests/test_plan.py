@@ -82,6 +82,9 @@ def test_the_estimate_moves_the_right_way(tiny):
     lora, qlora = plan(tiny, "lora", batch=4, seq=256), plan(tiny, "qlora", batch=4, seq=256)
     assert lora.total_bytes < base.total_bytes
     assert lora.memory["optimizer (AdamW)"] < base.memory["optimizer (AdamW)"]
+    averaged = plan(tiny, "lora", batch=4, seq=256, ema=True)  # a copy of what trains, as large as its gradients
+    assert averaged.memory["weight average (ema)"] == lora.memory["gradients"]
+    assert averaged.total_bytes == lora.total_bytes + lora.memory["gradients"] and "weight average (ema)" not in lora.memory
     assert qlora.memory["weights"] < lora.memory["weights"]
     assert plan(tiny, "align", batch=4, seq=256).memory["activations"] < lora.memory["activations"]
     bf16 = plan(tiny, "full", batch=4, seq=256, bf16=True)

@@ -20,6 +20,7 @@ L = layers, a = heads, V = vocabulary):
                  the backward pass: 2 bytes per LM/projector linear parameter (not for qlora)
     gradients    T at the trainable parameters' dtype
     optimizer    AdamW: 2 states x 4 bytes x T
+    ema          with `ema` > 0: a copy of the trainable weights (their moving average)
     activations  per layer and token, elements kept for the backward pass:
                      2h            inputs of the two RMSNorms               (residual-stream dtype)
                      2h            their outputs, kept when the linears after them (or their
@@ -123,6 +124,7 @@ def estimate(
     label_fraction: float = 1.0,
     images_per_sample: int = 1,
     lora_targets: str = "auto",
+    ema: bool = False,
 ) -> Plan:
     """The `Plan` of training `model` with `method` on batches of `batch_size` x `seq_len` tokens.
 
@@ -196,6 +198,8 @@ def estimate(
     n_trainable = sum(t for _, _, t in rows)
     memory["gradients"] = trainable_bytes
     memory["optimizer (AdamW)"] = ADAM_BYTES * n_trainable
+    if ema:
+        memory["weight average (ema)"] = trainable_bytes
 
     res_bytes = next(lm.parameters()).element_size() if method != "qlora" else 2
     act_bytes = 2 if bf16 else res_bytes
@@ -321,6 +325,7 @@ def plan_run(cfg: TrainConfig) -> str:
     plan = estimate(
         model, method, batch, cfg.max_length, training_precision(cfg.precision, device).bf16, cfg.gradient_checkpointing,
         lora_r=cfg.lora_r or 16, trainable_groups=("vision_tower",) if cfg.train_vision else (), lora_targets=cfg.lora_targets,
+        ema=cfg.ema > 0,
     )
     chosen = "".join(f"\n  {c}" for c in choices)
     return (plan.table() + f"\n(batch {cfg.batch_size}, max_length {cfg.max_length}; device {device})"
