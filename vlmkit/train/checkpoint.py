@@ -1,8 +1,9 @@
 """Resumable checkpoints and the final model folder, both written atomically.
 
 A checkpoint is one file, `checkpoint/state.pt`: the trainable weights (by name), optimizer, scheduler,
-RNG states, step and loss history, and the weights' moving average when `ema` keeps one. It is written to a temporary file and renamed over the old one, so a
-run killed mid-write still has the previous checkpoint intact.
+RNG states, step and loss history, and the weights' moving average when `ema` keeps one. It is written
+to a temporary file and renamed over the old one, so a run killed mid-write still has the previous
+checkpoint intact.
 """
 
 from __future__ import annotations

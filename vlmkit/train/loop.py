@@ -9,8 +9,8 @@
 
 The data order is a function of (seed, epoch) only (`batches.py`), and a checkpoint holds the trainable
 weights, optimizer, scheduler, RNG states, the step and the weights' moving average (`ema`), so a run
-killed at any moment and resumed with `--resume` ends with the same weights as one that never stopped. Everything is written to a temporary
-file or folder and renamed into place.
+killed at any moment and resumed with `--resume` ends with the same weights as one that never stopped.
+Everything is written to a temporary file or folder and renamed into place.
 """
 
 from __future__ import annotations
@@ -241,10 +241,10 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
         run.say("chosen for this run: " + "; ".join(map(str, run.recipe)))
     optimizer = make_optimizer()
     scheduler = cosine_schedule(optimizer, total_steps, round(cfg.warmup_ratio * total_steps), cfg.min_lr_ratio)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named_trainable]
     run.trainable_parameters = sum(p.numel() for p in trainable)
-    average = WeightAverage([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.ema, total_steps) \
-        if cfg.ema > 0 else None
+    average = WeightAverage(named_trainable, cfg.ema, total_steps) if cfg.ema > 0 else None
 
     step = 0
     if resume:
