@@ -4,8 +4,8 @@
 - CUDA: bf16 autocast where the GPU supports it (every recent NVIDIA GPU), as is standard.
 - CPU: fp32, also on CPUs with native bf16 units (AVX512-BF16, AMX). There bf16 autocast made the
   quickstart's held-out accuracy lower over seeds, and its steps 1.34x faster on an AMD EPYC with
-  AVX512-BF16 but no faster on an Intel Xeon with AMX (docs/precision.md has the figures); and on CPUs without those units bf16 is emulated and slower than fp32. `precision=bf16`
-  still asks for it.
+  AVX512-BF16 but no faster on an Intel Xeon with AMX (docs/precision.md has the figures); on CPUs
+  without those units bf16 is emulated and slower than fp32. `precision=bf16` still asks for it.
 
 `VLMKIT_CPU_BF16=1` / `=0` overrides what the CPU is detected to have (tests force either path with it).
 """
