@@ -5,8 +5,8 @@ import pytest
 
 from vlmkit.config import TrainConfig, load_config
 from vlmkit.recipe import (
-    CPU_BATCH, GPU_BATCH, MAX_EPOCHS, MIN_STEPS, choose_batch_size, choose_column_words, choose_feature_layer,
-    choose_image_positions, choose_image_size, choose_layout,
+    CPU_BATCH, GPU_BATCH, GROUPING_SAVES, MAX_EPOCHS, MIN_STEPS, choose_batch_size, choose_column_words,
+    choose_feature_layer, choose_group_by_length, choose_image_positions, choose_image_size, choose_layout,
     choose_image_tokens, choose_lr, choose_method, choose_projector_init, choose_steps, choose_train_on_prompt, resolve,
     tower_grid,
 )
@@ -87,6 +87,20 @@ def test_steps_follow_the_data_size(samples, per_step, steps):
     assert f"{samples} samples" in choice.reason
 
 
+def test_batches_are_sorted_by_length_only_where_that_saves_many_tokens():
+    # one-question data: lengths within a few tokens of each other, sorting saves ~3%: shuffled batches
+    near = [30 + i % 7 for i in range(600)]
+    choice = choose_group_by_length(near, 4)
+    assert choice.value is False and "would save" in choice.reason
+    assert choose_group_by_length([32] * 100, 4).value is False  # nothing to save
+    # one-word answers beside captions three times as long: sorting saves far more than GROUPING_SAVES
+    mixed = [30 + i % 5 if i % 3 else 90 + i % 11 for i in range(600)]
+    choice = choose_group_by_length(mixed, 4)
+    assert choice.value is True and int(choice.reason.split("saves ")[1].split("%")[0]) / 100 > GROUPING_SAVES
+    assert choose_group_by_length(mixed, 4) == choice  # a function of the lengths: a resumed run decides the same
+    assert choose_group_by_length(mixed, 1).value is False  # a batch of one has no padding
+
+
 def test_resolve_fills_the_auto_keys_and_keeps_the_users():
     cfg, choices = resolve(TrainConfig(data="d.jsonl"), "cpu")
     assert (cfg.method, cfg.lr, cfg.batch_size, cfg.image_size, cfg.image_tokens) == ("lora", 1e-3, 4, 192, 9)
@@ -155,6 +169,7 @@ def test_the_defaults_train_a_new_composition(parts, shapes, tmp_path, lm):
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert (saved["method"], saved["lr"], saved["batch_size"], saved["column_words"], saved["image_positions"]) == (
         "lora", 1e-3, 4, False, False)
+    assert saved["group_by_length"] is recipe["group_by_length"]["value"]  # decided from the data's lengths
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert history[-1]["loss"] < history[0]["loss"]
     model, processor = load_model(summary["model"])

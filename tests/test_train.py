@@ -391,6 +391,22 @@ def test_the_budget_times_batches_from_the_narrowest_to_the_widest_of_an_epoch()
     assert spread_batches(examples, 4, 0, 30, True)[0][0].length == 20  # more picks than batches: repeats, in order
 
 
+def test_group_by_length_is_decided_from_the_data_and_resumes_exactly(parts, shapes, tmp_path):
+    import yaml
+
+    cut = tmp_path / "cut"
+    assert train(tiny_config(parts, shapes, cut, "group_by_length=none"), stop_after=3) == {"stopped_at": 3}
+    saved = yaml.safe_load((cut / "config.yaml").read_text())["group_by_length"]
+    assert isinstance(saved, bool)  # the recipe's choice, saved so that --resume draws the same batches
+    resumed = train(load_config(str(cut / "config.yaml")), resume=True)
+    same = train(tiny_config(parts, shapes, tmp_path / "same", f"group_by_length={saved}"))
+    assert "group_by_length" not in same["recipe"] and resumed["steps"] == same["steps"] == 8
+    a, _ = load_model(resumed["model"])
+    b, _ = load_model(same["model"])
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
 def test_max_minutes_fixes_the_steps_by_timing_and_resumes_exactly(parts, shapes, tmp_path):
     import yaml
 

@@ -35,7 +35,7 @@ from vlmkit.device import Precision, training_precision
 from vlmkit.errors import VlmkitError
 from vlmkit.io import atomic_write_text
 from vlmkit.model.vlm import VlmkitForConditionalGeneration
-from vlmkit.recipe import Choice, choose_steps, resolve
+from vlmkit.recipe import Choice, choose_group_by_length, choose_steps, resolve
 from vlmkit.train.average import WeightAverage
 from vlmkit.train.batches import batches_from, first_epoch_chunks
 from vlmkit.train.budget import TIMED_STEPS, steps_for, time_steps
@@ -130,7 +130,7 @@ def train(
         cfg, choices = resolve(cfg, dist.device().type)  # the `auto` keys, before anything is saved or built
         out = check_run_folder(cfg, dist, resume, stop_after)
         run = set_up(cfg, out, dist, model_and_processor)
-        run.recipe = list(recipe or []) + choices
+        run.recipe = list(recipe or []) + choices + run.recipe  # set_up's choices from the data come last
         if not run_steps(run, resume, stop_after):
             return {"stopped_at": stop_after}
         return finish(run)
@@ -187,6 +187,11 @@ def set_up(cfg: TrainConfig, out: Path, dist, model_and_processor) -> Run:
     images.warm([p for e in examples + eval_examples for p in e.images], "caching image features")
     run = Run(cfg, out, dist, device, training_precision(cfg.precision, device), model, processor, objective, groups,
               examples, eval_examples, skipped + eval_skipped, dist.active and cfg.fsdp)
+    if cfg.group_by_length is None:  # decided from the tokenized lengths, and saved so --resume draws the same batches
+        run.recipe.append(choose_group_by_length([e.length for e in examples], cfg.batch_size * dist.world))
+        cfg.group_by_length = run.recipe[-1].value
+        if dist.main:
+            cfg.save(out / "config.yaml")
     initialise_from_data(model, processor.tokenizer, cfg, examples, images, run.say)
 
     chunks = first_epoch_chunks(examples, cfg.batch_size, dist.world, cfg.seed, cfg.group_by_length)
