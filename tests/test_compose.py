@@ -95,16 +95,25 @@ def test_builtin_cnn_reads_its_head_or_its_last_block(parts, tmp_path):
     assert model.config.vision_hidden_size == 320 and tower.hidden_size == 320
     pixels = processor.pixel_values([image()])
     net = tower.net
-    blocks = net(pixels, head=False).permute(0, 2, 3, 1)
+    blocks = net(pixels, layer=-2).permute(0, 2, 3, 1)
     assert torch.equal(model.encode_images(pixels), blocks)  # the block map itself (64 px: 2x2, no pooling)
-    assert not torch.equal(net(pixels)[:, :320], net(pixels, head=False))
+    assert not torch.equal(net(pixels)[:, :320], net(pixels, layer=-2))
     roundtrip(model, processor, tmp_path)
     # the training key, as `vlmkit train ... vision_feature_layer=-2` gives it, reaches the composition
     cfg = load_config(None, [f"llm={parts['llama']}", "image_tokens=4", "image_size=64", "vision_feature_layer=-2"])
     assert for_training(cfg)[0].config.vision["feature_layer"] == -2
     assert build_vision_tower({"kind": "efficientnet_lite0"}).hidden_size == 1280
-    with pytest.raises(VlmkitError, match="offers -1"):
-        build_vision_tower({"kind": "efficientnet_lite0", "feature_layer": -3})
+    # the blocks before the last at the same stride: -3 is the map the last block reads (its input)
+    earlier = build_vision_tower({"kind": "efficientnet_lite0", "feature_layer": -3})
+    earlier.net.load_state_dict(net.state_dict())
+    assert earlier.hidden_size == 192
+    with torch.no_grad():
+        stage = earlier.eval()(pixels).permute(0, 3, 1, 2)
+        assert stage.shape[1:] == (192, 2, 2)
+        assert torch.allclose(net.eval().blocks[-1](stage), net(pixels, layer=-2), atol=1e-5)
+    for wrong in (-7, 0, -2.5):
+        with pytest.raises(VlmkitError, match="offers -1"):
+            build_vision_tower({"kind": "efficientnet_lite0", "feature_layer": wrong})
 
 
 def test_image_positions_tell_the_tokens_apart_train_and_save(parts, tmp_path):

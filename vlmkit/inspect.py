@@ -81,7 +81,8 @@ def _tower_name(spec: dict) -> str:
     if kind == "efficientnet_lite0":
         from vlmkit.model.vision import EfficientNetTower
 
-        return f"{kind}, features of its {'head' if EfficientNetTower.reads_head(spec) else 'last block'}"
+        layer = EfficientNetTower.feature_layer(spec)
+        return f"{kind}, features of its " + {-1: "head", -2: "last block"}.get(layer, f"block {layer + 1} from the end")
     return kind
 
 

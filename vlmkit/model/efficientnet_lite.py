@@ -40,6 +40,9 @@ LITE0_STAGES = (
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 BLOCK_CHANNELS = LITE0_STAGES[-1][3]  # the last block's output, before the 1x1 head convolution
+# every block's output channels, in order; the last stage's blocks and the one before's run at stride 32
+OUT_CHANNELS = tuple(c for *_, c, repeats in LITE0_STAGES for _ in range(repeats))
+STRIDE32_BLOCKS = LITE0_STAGES[-1][4] + LITE0_STAGES[-2][4]  # the blocks whose maps share the head's grid
 NUM_CLASSES = 1000
 
 
@@ -115,13 +118,14 @@ class EfficientNetLite0(nn.Module):
         self.head_bn = _bn(HEAD_CHANNELS)
         self.fc = nn.Linear(HEAD_CHANNELS, NUM_CLASSES)
 
-    def forward(self, pixel_values: torch.Tensor, head: bool = True) -> torch.Tensor:
-        """(B, 3, H, W) pixels scaled as (x - 127) / 128 -> (B, 1280, ceil(H/32), ceil(W/32)); with
-        `head=False` the last block's (B, 320, ...) map, before the head's 1x1 convolution."""
+    def forward(self, pixel_values: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """(B, 3, H, W) pixels scaled as (x - 127) / 128 -> (B, 1280, ceil(H/32), ceil(W/32)), the head's map
+        (`layer` -1); -2 the last block's (B, 320, ...) map, before the head's 1x1 convolution; -3 the block
+        before it (B, 192, ...), and so on back to the first block at stride 32 (-2 - STRIDE32_BLOCKS + 1)."""
         x = F.relu6(self.stem_bn(self.stem_conv(pixel_values)))
-        for block in self.blocks:
+        for block in self.blocks[: len(self.blocks) + 2 + layer if layer < -1 else None]:
             x = block(x)
-        return F.relu6(self.head_bn(self.head_conv(x))) if head else x
+        return F.relu6(self.head_bn(self.head_conv(x))) if layer == -1 else x
 
     def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 1000) ImageNet logits (global average pool + fc; dropout is training-only)."""

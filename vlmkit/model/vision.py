@@ -6,7 +6,8 @@ projector, in `vlm.py`) only ever sees that grid, so any tower works with any pr
 
 A tower is described by a small JSON-able `spec` saved in the model config, so a saved model rebuilds
 its tower without downloading anything:
-    {"kind": "efficientnet_lite0", "feature_layer": -1}  (-1: the head's 1280 channels; -2: the last block's 320)
+    {"kind": "efficientnet_lite0", "feature_layer": -1}  (-1: the head's 1280 channels; -2: the last block's 320;
+                                                         -3 to -6: the blocks before it, 192)
     {"kind": "hf", "config": {...a transformers vision config...}, "feature_layer": -2}
     {"kind": "timm", "name": "resnet18"}
 `load_vision(name)` turns what a user typed (a built-in name, a local folder, a hub id, `timm:NAME`, or a
@@ -34,28 +35,33 @@ BUILTIN_FEATURE_LAYER = -1  # the built-in CNN's head: its layer when none is as
 
 class EfficientNetTower(nn.Module):
     """The bundled ImageNet EfficientNet-Lite0: a map at stride 32, of its head's 1280 channels
-    (`feature_layer` -1, the default, and what a spec without the key means) or of its last block's 320
-    (-2: before the 1x1 head convolution, as a transformers tower's -2 is the layer before the last)."""
+    (`feature_layer` -1, the default, and what a spec without the key means), of its last block's 320
+    (-2: before the 1x1 head convolution, as a transformers tower's -2 is the layer before the last), or
+    of one of the four blocks before that (-3 to -6, 192 channels)."""
 
     def __init__(self, spec: dict):
         super().__init__()
-        from vlmkit.model.efficientnet_lite import BLOCK_CHANNELS, HEAD_CHANNELS, EfficientNetLite0
+        from vlmkit.model.efficientnet_lite import HEAD_CHANNELS, OUT_CHANNELS, EfficientNetLite0
 
         self.net = EfficientNetLite0()
-        self.head = self.reads_head(spec)
-        self.hidden_size = HEAD_CHANNELS if self.head else BLOCK_CHANNELS
+        self.layer = self.feature_layer(spec)
+        self.hidden_size = HEAD_CHANNELS if self.layer == -1 else OUT_CHANNELS[len(OUT_CHANNELS) + 1 + self.layer]
 
     @staticmethod
-    def reads_head(spec: dict) -> bool:
-        """Whether `spec` reads the head (-1) or the last block (-2); any other layer is an error."""
+    def feature_layer(spec: dict) -> int:
+        """The layer `spec` reads: -1 (the head) to -2 - STRIDE32_BLOCKS + 1; any other is an error."""
+        from vlmkit.model.efficientnet_lite import STRIDE32_BLOCKS
+
         layer = spec.get("feature_layer", BUILTIN_FEATURE_LAYER)
-        if layer not in (-1, -2):
-            raise VlmkitError(f"vision_feature_layer={layer}: the built-in EfficientNet-Lite0 offers -1 (its head) or "
-                              "-2 (its last block, before the head)")
-        return layer == -1
+        deepest = -1 - STRIDE32_BLOCKS
+        if not isinstance(layer, int) or not deepest <= layer <= -1:
+            raise VlmkitError(f"vision_feature_layer={layer}: the built-in EfficientNet-Lite0 offers -1 (its head), "
+                              f"-2 (its last block, before the head) or {-3} to {deepest} (the blocks before that, at "
+                              "the same stride)")
+        return layer
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.net(pixel_values, head=self.head).permute(0, 2, 3, 1)  # (B, C, h, w) -> (B, h, w, C)
+        return self.net(pixel_values, layer=self.layer).permute(0, 2, 3, 1)  # (B, C, h, w) -> (B, h, w, C)
 
 
 class HFTower(nn.Module):
