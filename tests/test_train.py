@@ -407,32 +407,72 @@ def test_group_by_length_is_decided_from_the_data_and_resumes_exactly(parts, sha
         assert torch.equal(x, y), name
 
 
-def test_max_minutes_fixes_the_steps_by_timing_and_resumes_exactly(parts, shapes, tmp_path):
-    import yaml
-
+def test_max_minutes_fixes_the_steps_by_timing(parts, shapes, tmp_path):
     from vlmkit.train.budget import steps_for
 
     assert steps_for(10, 0.8) == 750 and steps_for(0.001, 5.0) == 1
     # 6 seconds of tiny steps (about 0.03 s each alone; over 1 s each on a machine busy with other runs)
-    budget = ["max_steps=0", "max_minutes=0.1", "save_every=0"]
-    cut = tmp_path / "cut"
-    assert train(tiny_config(parts, shapes, cut, *budget), stop_after=1) == {"stopped_at": 1}
-    steps = yaml.safe_load((cut / "config.yaml").read_text())["max_steps"]
-    assert steps >= 2 and yaml.safe_load((cut / "config.yaml").read_text())["max_minutes"] == 0.1
-    resumed = train(load_config(str(cut / "config.yaml")), resume=True)  # as `vlmkit train --resume` does
-    assert resumed["steps"] == steps
-    # the timing left no trace: the same steps without a budget give the same weights
-    same = train(tiny_config(parts, shapes, tmp_path / "same", f"max_steps={steps}", "save_every=0"))
-    a, _ = load_model(resumed["model"])
-    b, _ = load_model(same["model"])
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+    whole = train(tiny_config(parts, shapes, tmp_path / "whole", "max_steps=0", "max_minutes=0.1", "save_every=0", "epochs=2"))
+    budget = whole["budget"]
+    assert budget["seconds_per_step"] > 0 and budget["timed_plan"] == steps_for(0.1, budget["seconds_per_step"])
+    # the checks as it ran planned the steps it took, each from the pace since the one before
+    assert whole["steps"] == budget["steps"] == (budget["plans"][-1]["steps"] if budget["plans"] else budget["timed_plan"])
+    assert all(p["seconds_per_step"] > 0 for p in budget["plans"])
+    samples = len(load_samples(shapes[0]))  # what two epochs of batch 4 would have been, reported beside the budget
+    assert budget["steps_without_budget"] == math.ceil(2 * samples / 4)
+
+
+def test_the_budget_is_checked_as_it_runs_and_resumes_exactly(parts, shapes, tmp_path, monkeypatch):
+    """The timed steps plan 48 steps of 0.0625 s for 3 seconds; the run's steps take 0.125 s (a fake clock,
+    in binary-exact steps), so the first check (at step 2) plans 24. Runs cut before and after that
+    check and resumed from their config.yaml end where the whole run does, with the same weights."""
+    import yaml
+
+    from vlmkit.train import loop
+
+    ticks = iter(range(10**9))
+    monkeypatch.setattr(loop, "time_steps", lambda *a: 0.0625)
+    monkeypatch.setattr(loop, "clock", lambda: next(ticks) * 0.125)  # a step is read at its start and its end
+    budget = ["max_steps=0", "max_minutes=0.05", "save_every=0"]
+    whole = train(tiny_config(parts, shapes, tmp_path / "whole", *budget))
+    assert whole["budget"]["timed_plan"] == 48 and whole["steps"] == 24
+    assert [(p["step"], p["seconds_per_step"], p["steps"]) for p in whole["budget"]["plans"]] == [(2, 0.125, 24), (12, 0.125, 24)]
+    assert yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())["max_steps"] == 24
+    reference, _ = load_model(whole["model"])
+    for cut_at in (1, 10):  # before the first check (the checkpoint's checks are still to come) and after it
+        cut = tmp_path / f"cut{cut_at}"
+        assert train(tiny_config(parts, shapes, cut, *budget), stop_after=cut_at) == {"stopped_at": cut_at}
+        assert yaml.safe_load((cut / "config.yaml").read_text())["max_steps"] == (48 if cut_at < 2 else 24)
+        resumed = train(load_config(str(cut / "config.yaml")), resume=True)  # as `vlmkit train --resume` does
+        assert resumed["steps"] == 24 and yaml.safe_load((cut / "config.yaml").read_text())["max_steps"] == 24
+        for (name, x), (_, y) in zip(load_model(resumed["model"])[0].state_dict().items(), reference.state_dict().items()):
+            assert torch.equal(x, y), (cut_at, name)
+
+    # at the timed pace nothing changes, and the timing and the checks leave no trace: the same weights
+    # as the same steps without a budget
+    monkeypatch.setattr(loop, "time_steps", lambda *a: 0.125)
+    steady = train(tiny_config(parts, shapes, tmp_path / "steady", *budget))
+    assert steady["steps"] == 24 and all(p["steps"] == 24 for p in steady["budget"]["plans"])
+    same = train(tiny_config(parts, shapes, tmp_path / "same", "max_steps=24", "save_every=0"))
+    for (name, x), (_, y) in zip(load_model(steady["model"])[0].state_dict().items(), load_model(same["model"])[0].state_dict().items()):
         assert torch.equal(x, y), name
 
-    whole = train(tiny_config(parts, shapes, tmp_path / "whole", *budget, "epochs=2"))
-    assert whole["budget"]["steps"] == whole["steps"] and whole["budget"]["seconds_per_step"] > 0
-    assert whole["steps"] == steps_for(0.1, whole["budget"]["seconds_per_step"])
-    samples = len(load_samples(shapes[0]))  # what two epochs of batch 4 would have been, reported beside the budget
-    assert whole["budget"]["steps_without_budget"] == math.ceil(2 * samples / 4)
+
+def test_a_budget_check_plans_what_the_minutes_left_buy_at_the_recent_pace():
+    from vlmkit.train.budget import Replan
+
+    replan = Replan(minutes=1, planned=100)
+    assert replan.checks == [5, 25, 50, 75]
+    plans = [replan.after_step(step, 0.6, 100) for step in range(1, 6)]
+    assert plans == [None] * 4 + [100]  # the timed pace held: 3 s spent, 57 s left at 0.6 s a step
+    plans = [replan.after_step(step, 1.2, 100) for step in range(6, 26)]  # twice as slow from step 6
+    assert plans[-1] == 25 + int((60 - 27) / 1.2) == 52 and plans[:-1] == [None] * 19
+    saved = Replan(minutes=1, planned=100)
+    saved.load_state_dict(replan.state_dict())
+    assert [saved.after_step(step, 1.2, 52) for step in range(26, 51)][-1] == 50 + int(3 / 1.2)
+    assert saved.after_step(75, 1.2, 52) is None  # a check past the plan's end is not made
+    over = Replan(minutes=0.01, planned=100)  # the minutes are spent: stop at the check
+    assert [over.after_step(step, 1.0, 100) for step in range(1, 6)][-1] == 5
 
 
 def test_steps_without_a_budget_are_the_epochs_or_the_recipes_choice():

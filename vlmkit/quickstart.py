@@ -101,9 +101,12 @@ def budget_line(budget: dict | None) -> list[str]:
     fewer, and learns less)."""
     if not budget:
         return []
-    minutes = budget["max_minutes"]
+    minutes, plans = budget["max_minutes"], budget.get("plans") or []
+    pace = plans[-1]["seconds_per_step"] if plans else budget["seconds_per_step"]
     line = (f"  {budget['steps']} steps: {minutes:g} minute{'' if minutes == 1 else 's'} at "
-            f"{budget['seconds_per_step']:.2f} s a step on this machine")
+            f"{pace:.2f} s a step on this machine")
+    if budget.get("timed_plan", budget["steps"]) != budget["steps"]:
+        line += f" ({budget['timed_plan']} planned from the first timed steps, {budget['seconds_per_step']:.2f} s)"
     if budget.get("steps_without_budget"):
         line += (f", {budget['steps'] / budget['steps_without_budget']:.0%} of the recipe's own "
                  f"{budget['steps_without_budget']} (`--minutes 0`)")

@@ -35,10 +35,11 @@ class WeightAverage:
                 param.copy_(average)
 
     def state_dict(self) -> dict:
-        return {"updates": self.updates, "shadow": {n: s.detach().cpu().clone() for n, s in zip(self.names, self.shadow)}}
+        return {"updates": self.updates, "decay": self.decay, "shadow": {n: s.detach().cpu().clone() for n, s in zip(self.names, self.shadow)}}
 
     def load_state_dict(self, state: dict) -> None:
         self.updates = state["updates"]
+        self.decay = state.get("decay", self.decay)  # the time constant of the run's first plan
         with torch.no_grad():
             for name, average in zip(self.names, self.shadow):
                 average.copy_(state["shadow"][name])

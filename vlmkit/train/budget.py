@@ -8,6 +8,14 @@ state put back, so the timing leaves no trace), and the budget divided by that t
 count is written into the run's `config.yaml` as `max_steps`, so `--resume` continues the same schedule
 exactly, and the summary says what was measured. A faster machine gets more steps, not a shorter run.
 Checkpoints and evaluation passes are not timed and come on top.
+
+A machine's speed drifts while it trains (shared cores, clocks, memory): on 2-core VMs the steps of a
+whole run took 3-11% longer than the few timed ones. So the plan is checked as it goes (`Replan`): at
+5, 25, 50 and 75% of the planned steps, the steps since the last check give the seconds a step, and what
+is left of the minutes at that pace gives the new number of steps; the schedule's length follows (the
+first check falls where the default warm-up ends, so the warm-up is never stretched), the count is saved
+in `config.yaml` again, and the checkpoint keeps the checks' state, so a resumed run makes the same
+checks at the same steps.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from vlmkit.train.checkpoint import capture_rng, restore_rng
 
 WARM_STEPS = 2  # untimed: the first passes allocate and pick kernels
 TIMED_STEPS = 6
+CHECKS = (0.05, 0.25, 0.5, 0.75)  # the shares of the planned steps after which the plan is checked
 
 
 def steps_for(minutes: float, seconds_per_step: float) -> int:
@@ -58,3 +67,36 @@ def time_steps(run, runner, rank_slice: slice, make_optimizer) -> float:
     del probe
     restore_rng(rng)
     return dist.all_sum(elapsed / TIMED_STEPS) / dist.world
+
+
+class Replan:
+    """Keeps a time-budgeted run on its minutes: after each step, `after_step(step, seconds, total)` adds the
+    step's seconds to those spent, and at a check returns the new number of steps (the steps done plus what
+    the minutes left buy at the pace of the steps since the last check; never fewer than done) or None.
+    `mean` averages a number over the ranks of a multi-process run, so every rank makes the same plan.
+    `state_dict` / `load_state_dict` carry it through a checkpoint."""
+
+    def __init__(self, minutes: float, planned: int, mean=lambda x: x):
+        self.seconds = minutes * 60
+        self.checks = sorted({max(1, round(share * planned)) for share in CHECKS})
+        self.spent = 0.0  # seconds in training steps (evaluation passes and checkpoints are not counted)
+        self.last = (0, 0.0)  # (step, seconds spent) at the last check
+        self.plans: list[dict] = []  # {"step", "seconds_per_step", "steps"} at each check
+        self.mean = mean
+
+    def after_step(self, step: int, seconds: float, total: int) -> int | None:
+        self.spent += seconds
+        if step not in self.checks or step >= total:
+            return None
+        self.spent = self.mean(self.spent)
+        pace = (self.spent - self.last[1]) / (step - self.last[0])
+        self.last = (step, self.spent)
+        steps = step + max(0, int((self.seconds - self.spent) / max(pace, 1e-9)))
+        self.plans.append({"step": step, "seconds_per_step": pace, "steps": steps})
+        return steps
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "mean"}
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)

@@ -20,7 +20,8 @@ from vlmkit.io import atomic_write
 STATE = "state.pt"
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, history: list, rng: dict, average=None) -> None:
+def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, history: list, rng: dict, average=None,
+                    replan=None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {
         "trainable": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
@@ -30,11 +31,14 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, histor
         "history": history,
         "rng": rng,
         **({"average": average.state_dict()} if average is not None else {}),
+        **({"replan": replan.state_dict()} if replan is not None else {}),
     }
     atomic_write(folder / STATE, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, average=None) -> tuple[int, list]:
+def load_checkpoint(folder: Path, model, optimizer, scheduler, average=None, replan=None) -> tuple[int, list, bool]:
+    """Put the saved state back; returns (step, history, whether it held `replan`'s state: a time
+    budget's checks still to come)."""
     path = folder / STATE
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -54,7 +58,9 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, average=None) -> 
             raise VlmkitError(f"{path}: the checkpoint holds no weight average (`ema`); resume with the run's own config.yaml")
         average.load_state_dict(state["average"])
     restore_rng(state["rng"])
-    return state["step"], state["history"]
+    if replan is not None and "replan" in state:
+        replan.load_state_dict(state["replan"])
+    return state["step"], state["history"], "replan" in state
 
 
 def capture_rng() -> dict:

@@ -278,7 +278,7 @@ class Run:
         scheduler = cosine_schedule(optimizer, total, round(cfg.warmup_ratio * total), cfg.min_lr_ratio)
         step = 0
         if resume:
-            step, self.history = load_checkpoint(self.out / CHECKPOINT, model, optimizer, scheduler)
+            step, self.history, _ = load_checkpoint(self.out / CHECKPOINT, model, optimizer, scheduler)
             log(f"resuming at step {step}/{total}")
         every = cfg.eval_every or max(1, total // 10)
         log(f"training {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} parameters "

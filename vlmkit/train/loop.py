@@ -38,7 +38,7 @@ from vlmkit.model.vlm import VlmkitForConditionalGeneration
 from vlmkit.recipe import Choice, choose_group_by_length, choose_steps, resolve
 from vlmkit.train.average import WeightAverage
 from vlmkit.train.batches import batches_from, first_epoch_chunks
-from vlmkit.train.budget import TIMED_STEPS, steps_for, time_steps
+from vlmkit.train.budget import TIMED_STEPS, Replan, steps_for, time_steps
 from vlmkit.train.checkpoint import capture_rng, load_checkpoint, save_checkpoint
 from vlmkit.train.distributed import setup
 from vlmkit.train.features import ImageSource
@@ -49,20 +49,30 @@ from vlmkit.train.stages import set_trainable, train_mode
 
 CHECKPOINT = "checkpoint"
 MODEL = "model"
+clock = time.perf_counter  # what a time budget's checks measure steps with
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def cosine_schedule(optimizer, total_steps: int, warmup: int, min_ratio: float):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+class Cosine:
+    """The learning rate's factor at a step: a linear warm-up, then a cosine down to `min_ratio`. An object
+    rather than a closure so that `total` can change as a time budget is re-planned, and so that the
+    scheduler's checkpoint keeps it (LambdaLR saves the attributes of callable objects)."""
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def __init__(self, total: int, warmup: int, min_ratio: float):
+        self.total, self.warmup, self.min_ratio = total, warmup, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup: int, min_ratio: float):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, Cosine(total_steps, warmup, min_ratio))
 
 
 def run_eval(model, fn):
@@ -250,11 +260,19 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
     trainable = [p for _, p in named_trainable]
     run.trainable_parameters = sum(p.numel() for p in trainable)
     average = WeightAverage(named_trainable, cfg.ema, total_steps) if cfg.ema > 0 else None
+    # max_minutes: the plan is checked as the run goes (a resumed run goes on with the checkpoint's checks)
+    replan = Replan(cfg.max_minutes, total_steps, lambda x: dist.all_sum(x) / dist.world) if cfg.max_minutes > 0 else None
+    schedule = scheduler.lr_lambdas[0]
 
     step = 0
     if resume:
-        step, run.history = load_checkpoint(run.out / CHECKPOINT, model, optimizer, scheduler, average)
+        step, run.history, replanning = load_checkpoint(run.out / CHECKPOINT, model, optimizer, scheduler, average, replan)
+        if not replanning:  # no budget, or max_steps given beside max_minutes
+            replan = None
+        total_steps = schedule.total  # the checkpoint's plan
         run.say(f"resuming at step {step}/{total_steps}")
+    elif run.budget is None:
+        replan = None  # max_steps given beside max_minutes: no budget
     from torch.utils.tensorboard import SummaryWriter
 
     writer = run.writer = SummaryWriter(str(run.out / "logs")) if dist.main else None
@@ -269,6 +287,7 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
     start = time.time()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", file=sys.stderr, disable=not dist.main)
     while step < total_steps:
+        began = clock()
         micro = [run.to_device(objective.batch(next(batches)[rank_slice])) for _ in range(cfg.grad_accum)]
         weights = [objective.weight(b) for b in micro]
         total_weight = dist.all_sum(float(sum(weights)))  # the step's labelled tokens (pairs) on all ranks
@@ -291,6 +310,8 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
             average.update()
         step += 1
         record = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[-1], "grad_norm": float(grad_norm), **metrics}
+        if replan is not None and (planned := replan.after_step(step, clock() - began, total_steps)) is not None:
+            total_steps = bar.total = schedule.total = replanned(run, replan, total_steps, planned)
         if run.eval_examples and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and (dist.main or run.fsdp):
             record["eval_loss"] = run.evaluate()
         run.history.append(record)
@@ -301,13 +322,15 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
         bar.set_postfix(loss=f"{loss_sum:.3f}")
         stopping = stop_after is not None and step >= stop_after
         if dist.main and not run.fsdp and (stopping or (cfg.save_every and step % cfg.save_every == 0 and step < total_steps)):
-            save_checkpoint(run.out / CHECKPOINT, model, optimizer, scheduler, step, run.history, capture_rng(), average)
+            save_checkpoint(run.out / CHECKPOINT, model, optimizer, scheduler, step, run.history, capture_rng(), average, replan)
         if stopping:
             bar.close()
             dist.barrier()
             return False
     bar.close()
     run.train_seconds, run.steps = time.time() - start, step
+    if run.budget is not None and replan is not None:  # the steps the timing planned, the checks, the steps taken
+        run.budget.update(timed_plan=run.budget["steps"], plans=replan.plans, steps=step)
     if average is not None:  # the final eval and the saved model use the average
         average.apply()
         run.say(f"ema={cfg.ema:g}: the trained weights are replaced by their moving average (time constant "
@@ -340,6 +363,19 @@ def fix_steps_to_budget(run: Run, runner, rank_slice: slice, make_optimizer, wit
             f"max_steps={cfg.max_steps} (saved in config.yaml, so --resume keeps it); steps without the budget: {unbudgeted}")
     if run.dist.main:
         cfg.save(run.out / "config.yaml")
+
+
+def replanned(run: Run, replan: Replan, total: int, planned: int) -> int:
+    """A budget's check found `planned` steps fit where `total` were planned: say so when it differs, and
+    save the new count in config.yaml (so that a run started again from it takes the same steps)."""
+    check = replan.plans[-1]
+    if planned != total:
+        run.say(f"max_minutes={run.cfg.max_minutes:g}: steps to {check['step']} ran at {check['seconds_per_step']:.3f} s "
+                f"a step with {replan.spent / 60:.1f} minutes spent -> max_steps={planned} (was {total}; saved in config.yaml)")
+        run.cfg.max_steps = planned
+        if run.dist.main:
+            run.cfg.save(run.out / "config.yaml")
+    return planned
 
 
 def finish(run: Run) -> dict:
