@@ -54,5 +54,8 @@ def test_the_quickstart_summary_says_what_share_of_the_recipes_steps_the_budget_
     budget = {"max_minutes": 10.0, "seconds_per_step": 0.625, "steps": 960, "steps_without_budget": 3000}
     assert budget_line(budget) == ["  960 steps: 10 minutes at 0.62 s a step on this machine, 32% of the recipe's own "
                                    "3000 (`--minutes 0`)"]
+    checked = {**budget, "timed_plan": 1000, "steps": 900, "plans": [{"step": 50, "seconds_per_step": 0.66, "steps": 900}]}
+    assert budget_line(checked) == ["  900 steps: 10 minutes at 0.66 s a step on this machine (1000 planned from the "
+                                    "first timed steps, 0.62 s), 30% of the recipe's own 3000 (`--minutes 0`)"]
     assert budget_line({**budget, "max_minutes": 1.0})[0].startswith("  960 steps: 1 minute at")
     assert budget_line(None) == []  # max_steps or --minutes 0: no budget to explain

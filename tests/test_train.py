@@ -424,8 +424,9 @@ def test_max_minutes_fixes_the_steps_by_timing(parts, shapes, tmp_path):
 
 def test_the_budget_is_checked_as_it_runs_and_resumes_exactly(parts, shapes, tmp_path, monkeypatch):
     """The timed steps plan 48 steps of 0.0625 s for 3 seconds; the run's steps take 0.125 s (a fake clock,
-    in binary-exact steps), so the first check (at step 2) plans 24. Runs cut before and after that
-    check and resumed from their config.yaml end where the whole run does, with the same weights."""
+    in binary-exact steps), so the first check (at step 2) plans 24, and the later ones keep it. Runs cut
+    before and after that check and resumed from their config.yaml end where the whole run does, with the
+    same weights."""
     import yaml
 
     from vlmkit.train import loop
@@ -436,7 +437,8 @@ def test_the_budget_is_checked_as_it_runs_and_resumes_exactly(parts, shapes, tmp
     budget = ["max_steps=0", "max_minutes=0.05", "save_every=0"]
     whole = train(tiny_config(parts, shapes, tmp_path / "whole", *budget))
     assert whole["budget"]["timed_plan"] == 48 and whole["steps"] == 24
-    assert [(p["step"], p["seconds_per_step"], p["steps"]) for p in whole["budget"]["plans"]] == [(2, 0.125, 24), (12, 0.125, 24)]
+    assert [(p["step"], p["seconds_per_step"], p["steps"]) for p in whole["budget"]["plans"]] == [
+        (2, 0.125, 24), (6, 0.125, 24), (12, 0.125, 24), (18, 0.125, 24), (22, 0.125, 24)]
     assert yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())["max_steps"] == 24
     reference, _ = load_model(whole["model"])
     for cut_at in (1, 10):  # before the first check (the checkpoint's checks are still to come) and after it
@@ -461,18 +463,37 @@ def test_the_budget_is_checked_as_it_runs_and_resumes_exactly(parts, shapes, tmp
 def test_a_budget_check_plans_what_the_minutes_left_buy_at_the_recent_pace():
     from vlmkit.train.budget import Replan
 
-    replan = Replan(minutes=1, planned=100)
-    assert replan.checks == [5, 25, 50, 75]
-    plans = [replan.after_step(step, 0.6, 100) for step in range(1, 6)]
-    assert plans == [None] * 4 + [100]  # the timed pace held: 3 s spent, 57 s left at 0.6 s a step
-    plans = [replan.after_step(step, 1.2, 100) for step in range(6, 26)]  # twice as slow from step 6
-    assert plans[-1] == 25 + int((60 - 27) / 1.2) == 52 and plans[:-1] == [None] * 19
-    saved = Replan(minutes=1, planned=100)
-    saved.load_state_dict(replan.state_dict())
-    assert [saved.after_step(step, 1.2, 52) for step in range(26, 51)][-1] == 50 + int(3 / 1.2)
-    assert saved.after_step(75, 1.2, 52) is None  # a check past the plan's end is not made
-    over = Replan(minutes=0.01, planned=100)  # the minutes are spent: stop at the check
-    assert [over.after_step(step, 1.0, 100) for step in range(1, 6)][-1] == 5
+    def run(replan, paces, total, first=1):
+        """Steps from `first` on, each taking paces(step) seconds, as the loop checks them: (total, spent)."""
+        step = first - 1
+        while step < total:
+            step += 1
+            total = replan.after_step(step, paces(step), total) or total
+        return total, replan.spent
+
+    replan = Replan(minutes=1)  # 120 steps planned from a timed 0.5 s
+    assert run(replan, lambda step: 0.5, 120) == (120, 60)  # the timed pace held: nothing changes
+    assert [p["step"] for p in replan.plans] == [6, 30, 60, 90, 108]
+    slower = Replan(minutes=1)  # twice as slow from step 7: the check at step 30 sees it
+    total, spent = run(slower, lambda step: 0.5 if step <= 6 else 1.0, 120)
+    assert slower.plans[1] == {"step": 30, "seconds_per_step": 1.0, "steps": 30 + (60 - 27)}
+    assert total == 63 and spent == 60
+    # a slow spell (steps 7-30 at 2.5 s) cuts the plan; the checks of the shorter plan see the pace come back
+    def spell_pace(step):
+        return 2.5 if 7 <= step <= 30 else 0.5
+
+    spell = Replan(minutes=2)  # 240 steps planned
+    total, spent = run(spell, spell_pace, 240)
+    assert spell.plans[1]["steps"] < 70 and total > 120 and 120 - 0.5 < spent <= 120
+    # a checkpoint carries the checks: a run resumed at step 40 ends as the whole run does
+    part, total_at_40 = Replan(minutes=2), 240
+    for step in range(1, 41):
+        total_at_40 = part.after_step(step, spell_pace(step), total_at_40) or total_at_40
+    saved = Replan(minutes=2)
+    saved.load_state_dict(part.state_dict())
+    assert run(saved, spell_pace, total_at_40, first=41) == (total, spent)
+    over = Replan(minutes=0.01)  # the minutes are spent by the first check: stop there
+    assert run(over, lambda step: 1.0, 100) == (5, 5.0)
 
 
 def test_steps_without_a_budget_are_the_epochs_or_the_recipes_choice():

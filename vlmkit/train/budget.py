@@ -11,11 +11,12 @@ Checkpoints and evaluation passes are not timed and come on top.
 
 A machine's speed drifts while it trains (shared cores, clocks, memory): on 2-core VMs the steps of a
 whole run took 3-11% longer than the few timed ones. So the plan is checked as it goes (`Replan`): at
-5, 25, 50 and 75% of the planned steps, the steps since the last check give the seconds a step, and what
-is left of the minutes at that pace gives the new number of steps; the schedule's length follows (the
-first check falls where the default warm-up ends, so the warm-up is never stretched), the count is saved
-in `config.yaml` again, and the checkpoint keeps the checks' state, so a resumed run makes the same
-checks at the same steps.
+5, 25, 50, 75 and 90% of the current plan's steps, the steps since the last check give the seconds a
+step, and what is left of the minutes at that pace gives the new number of steps; the schedule's length
+follows (the first check falls where the default warm-up ends), the count is saved in `config.yaml`
+again, and the checkpoint keeps the checks' state, so a resumed run goes on with the same checks. As the
+checks follow the current plan, a plan cut short by a slow spell (another program on the cores) is
+checked again before its end and lengthened when the pace comes back.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from vlmkit.train.checkpoint import capture_rng, restore_rng
 
 WARM_STEPS = 2  # untimed: the first passes allocate and pick kernels
 TIMED_STEPS = 6
-CHECKS = (0.05, 0.25, 0.5, 0.75)  # the shares of the planned steps after which the plan is checked
+CHECKS = (0.05, 0.25, 0.5, 0.75, 0.9)  # the shares of the current plan's steps after which it is checked
 
 
 def steps_for(minutes: float, seconds_per_step: float) -> int:
@@ -73,26 +74,35 @@ class Replan:
     """Keeps a time-budgeted run on its minutes: after each step, `after_step(step, seconds, total)` adds the
     step's seconds to those spent, and at a check returns the new number of steps (the steps done plus what
     the minutes left buy at the pace of the steps since the last check; never fewer than done) or None.
-    `mean` averages a number over the ranks of a multi-process run, so every rank makes the same plan.
-    `state_dict` / `load_state_dict` carry it through a checkpoint."""
+    The checks fall at CHECKS of the current plan, so a plan cut short by a slow spell is checked again
+    before its end, and lengthened when the pace comes back. `mean` averages a number over the ranks of a
+    multi-process run, so every rank makes the same plan. `state_dict` / `load_state_dict` carry it
+    through a checkpoint."""
 
-    def __init__(self, minutes: float, planned: int, mean=lambda x: x):
+    def __init__(self, minutes: float, mean=lambda x: x):
         self.seconds = minutes * 60
-        self.checks = sorted({max(1, round(share * planned)) for share in CHECKS})
+        self.next = 0  # the next check's index in CHECKS
         self.spent = 0.0  # seconds in training steps (evaluation passes and checkpoints are not counted)
         self.last = (0, 0.0)  # (step, seconds spent) at the last check
         self.plans: list[dict] = []  # {"step", "seconds_per_step", "steps"} at each check
         self.mean = mean
 
+    def due(self, step: int, total: int) -> bool:
+        return self.next < len(CHECKS) and step >= max(1, round(CHECKS[self.next] * total))
+
     def after_step(self, step: int, seconds: float, total: int) -> int | None:
         self.spent += seconds
-        if step not in self.checks or step >= total:
+        if step >= total or not self.due(step, total):
             return None
+        while self.due(step, total):
+            self.next += 1
         self.spent = self.mean(self.spent)
         pace = (self.spent - self.last[1]) / (step - self.last[0])
         self.last = (step, self.spent)
         steps = step + max(0, int((self.seconds - self.spent) / max(pace, 1e-9)))
         self.plans.append({"step": step, "seconds_per_step": pace, "steps": steps})
+        while self.due(step, steps):  # the new plan's checks already passed: the next one is still to come
+            self.next += 1
         return steps
 
     def state_dict(self) -> dict:

@@ -261,7 +261,7 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
     run.trainable_parameters = sum(p.numel() for p in trainable)
     average = WeightAverage(named_trainable, cfg.ema, total_steps) if cfg.ema > 0 else None
     # max_minutes: the plan is checked as the run goes (a resumed run goes on with the checkpoint's checks)
-    replan = Replan(cfg.max_minutes, total_steps, lambda x: dist.all_sum(x) / dist.world) if cfg.max_minutes > 0 else None
+    replan = Replan(cfg.max_minutes, lambda x: dist.all_sum(x) / dist.world) if cfg.max_minutes > 0 else None
     schedule = scheduler.lr_lambdas[0]
 
     step = 0
