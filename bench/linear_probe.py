@@ -7,6 +7,7 @@ grid before pooling. When the VLM scores well under the read-out, the recipe lea
 it, the tower's features are the limit.
 
     python bench/linear_probe.py RUN/model DATA   # DATA holds train.jsonl and test.jsonl
+    python bench/linear_probe.py RUN/model DATA --layers -2 -3 -6   # the built-in CNN's other layers too
 
 scikit-learn is needed (it comes with the test requirements' mlxtend). The figures are in
 docs/generality.md ("Where the rest is lost").
@@ -39,6 +40,9 @@ def main() -> None:
     parser.add_argument("model", help="a trained run's model folder (a new composition with a CNN or ViT tower)")
     parser.add_argument("data", help="a folder with train.jsonl and test.jsonl")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.003, 0.01, 0.1, 1.0], help="inverse L2 strengths C")
+    parser.add_argument("--layers", type=int, nargs="+", default=[],
+                        help="a built-in EfficientNet-Lite0 tower only: the pooled tokens of these feature layers too "
+                             "(`vision_feature_layer`, -1 to -6), read with the model's tower weights")
     args = parser.parse_args()
     try:
         from sklearn.linear_model import LogisticRegression
@@ -54,12 +58,12 @@ def main() -> None:
     model, processor = load(args.model, device="cpu")
     model.eval()
 
-    def grids(paths: list[str]) -> torch.Tensor:
+    def grids(paths: list[str], tower=model.vision_tower) -> torch.Tensor:
         out = []
         with torch.inference_mode():
             for i in tqdm(range(0, len(paths), 32), desc="encoding", unit="batch", file=sys.stderr):
                 pixels = processor.pixel_values([load_image(p) for p in paths[i : i + 32]])
-                out.append(model.vision_tower(pixels.to(model.dtype_of(model.vision_tower))).float())
+                out.append(tower(pixels.to(model.dtype_of(model.vision_tower))).float())
         return torch.cat(out)
 
     data = Path(args.data)
@@ -67,15 +71,28 @@ def main() -> None:
     test_paths, y_test = rows(data / "test.jsonl")
     full_train, full_test = grids(train_paths), grids(test_paths)
     side = grid_side(model.config.image_tokens)
+    def pooled(g):
+        return pool_grid(g, side).flatten(1)
+
     views = {
-        f"the {side}x{side} pooled tokens": lambda g: pool_grid(g, side).flatten(1),
-        "their mean": lambda g: pool_grid(g, side).mean((1, 2)),
-        f"the whole {full_train.shape[1]}x{full_train.shape[2]} grid before pooling": lambda g: g.flatten(1),
+        f"the {side}x{side} pooled tokens": (pooled, full_train, full_test),
+        "their mean": (lambda g: pool_grid(g, side).mean((1, 2)), full_train, full_test),
+        f"the whole {full_train.shape[1]}x{full_train.shape[2]} grid before pooling": (lambda g: g.flatten(1), full_train, full_test),
     }
+    for layer in args.layers:
+        from vlmkit.model.vision import EfficientNetTower
+
+        spec = model.config.vision
+        if spec.get("kind") != "efficientnet_lite0":
+            sys.exit(f"--layers: {args.model} has a {spec.get('kind')} tower; the option reads the built-in CNN's layers")
+        tower = EfficientNetTower({**spec, "feature_layer": layer})
+        tower.net = model.vision_tower.net
+        views[f"the {side}x{side} pooled tokens of layer {layer} ({tower.hidden_size} channels)"] = (
+            pooled, grids(train_paths, tower.eval()), grids(test_paths, tower))
     print(f"{len(y_train)} training and {len(y_test)} held-out samples; tower grid {tuple(full_train.shape[1:])}")
     print("| features | C | held-out | training |\n|---|---|---|---|")
-    for name, view in views.items():
-        a, b = view(full_train).numpy(), view(full_test).numpy()
+    for name, (view, train_grid, test_grid) in views.items():
+        a, b = view(train_grid).numpy(), view(test_grid).numpy()
         mean, std = a.mean(0), a.std(0) + 1e-6
         a, b = (a - mean) / std, (b - mean) / std
         for c in args.strengths:

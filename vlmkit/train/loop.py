@@ -53,7 +53,7 @@ clock = time.perf_counter  # what a time budget's checks measure steps with
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    tqdm.write(msg, file=sys.stderr)  # on a line of its own, above a progress bar that is running
 
 
 class Cosine:
