@@ -111,6 +111,10 @@ def test_builtin_cnn_reads_its_head_or_its_last_block(parts, tmp_path):
         stage = earlier.eval()(pixels).permute(0, 3, 1, 2)
         assert stage.shape[1:] == (192, 2, 2)
         assert torch.allclose(net.eval().blocks[-1](stage), net(pixels, layer=-2), atol=1e-5)
+    from vlmkit.inspect import _tower_name
+
+    assert _tower_name({"kind": "efficientnet_lite0", "feature_layer": -3}) == "efficientnet_lite0, features of its block 2 from the end"
+    assert _tower_name({"kind": "efficientnet_lite0", "feature_layer": -2}).endswith("its last block")
     for wrong in (-7, 0, -2.5):
         with pytest.raises(VlmkitError, match="offers -1"):
             build_vision_tower({"kind": "efficientnet_lite0", "feature_layer": wrong})

@@ -82,7 +82,7 @@ def _tower_name(spec: dict) -> str:
         from vlmkit.model.vision import EfficientNetTower
 
         layer = EfficientNetTower.feature_layer(spec)
-        return f"{kind}, features of its " + {-1: "head", -2: "last block"}.get(layer, f"block {layer + 1} from the end")
+        return f"{kind}, features of its " + {-1: "head", -2: "last block"}.get(layer, f"block {-layer - 1} from the end")
     return kind
 
 

@@ -39,7 +39,6 @@ LITE0_STAGES = (
 )
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
-BLOCK_CHANNELS = LITE0_STAGES[-1][3]  # the last block's output, before the 1x1 head convolution
 # every block's output channels, in order; the last stage's blocks and the one before's run at stride 32
 OUT_CHANNELS = tuple(c for *_, c, repeats in LITE0_STAGES for _ in range(repeats))
 STRIDE32_BLOCKS = LITE0_STAGES[-1][4] + LITE0_STAGES[-2][4]  # the blocks whose maps share the head's grid

@@ -56,7 +56,7 @@ class EfficientNetTower(nn.Module):
         deepest = -1 - STRIDE32_BLOCKS
         if not isinstance(layer, int) or not deepest <= layer <= -1:
             raise VlmkitError(f"vision_feature_layer={layer}: the built-in EfficientNet-Lite0 offers -1 (its head), "
-                              f"-2 (its last block, before the head) or {-3} to {deepest} (the blocks before that, at "
+                              f"-2 (its last block, before the head) or -3 to {deepest} (the blocks before that, at "
                               "the same stride)")
         return layer
 
