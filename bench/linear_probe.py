@@ -79,12 +79,12 @@ def main() -> None:
         "their mean": (lambda g: pool_grid(g, side).mean((1, 2)), full_train, full_test),
         f"the whole {full_train.shape[1]}x{full_train.shape[2]} grid before pooling": (lambda g: g.flatten(1), full_train, full_test),
     }
+    spec = model.config.vision
+    if args.layers and spec.get("kind") != "efficientnet_lite0":
+        sys.exit(f"--layers: {args.model} has a {spec.get('kind')} tower; the option reads the built-in CNN's layers")
     for layer in args.layers:
         from vlmkit.model.vision import EfficientNetTower
 
-        spec = model.config.vision
-        if spec.get("kind") != "efficientnet_lite0":
-            sys.exit(f"--layers: {args.model} has a {spec.get('kind')} tower; the option reads the built-in CNN's layers")
         tower = EfficientNetTower({**spec, "feature_layer": layer})
         tower.net = model.vision_tower.net
         views[f"the {side}x{side} pooled tokens of layer {layer} ({tower.hidden_size} channels)"] = (

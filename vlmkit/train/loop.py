@@ -260,19 +260,18 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
     trainable = [p for _, p in named_trainable]
     run.trainable_parameters = sum(p.numel() for p in trainable)
     average = WeightAverage(named_trainable, cfg.ema, total_steps) if cfg.ema > 0 else None
-    # max_minutes: the plan is checked as the run goes (a resumed run goes on with the checkpoint's checks)
-    replan = Replan(cfg.max_minutes, lambda x: dist.all_sum(x) / dist.world) if cfg.max_minutes > 0 else None
+    # max_minutes: the plan is checked as the run goes; a resumed run goes on with the checkpoint's checks, if
+    # it holds any (none when max_steps was given beside max_minutes: no budget)
+    budgeted = run.budget is not None or (resume and cfg.max_minutes > 0)
+    replan = Replan(cfg.max_minutes, lambda x: dist.all_sum(x) / dist.world) if budgeted else None
     schedule = scheduler.lr_lambdas[0]
 
     step = 0
     if resume:
         step, run.history, replanning = load_checkpoint(run.out / CHECKPOINT, model, optimizer, scheduler, average, replan)
-        if not replanning:  # no budget, or max_steps given beside max_minutes
-            replan = None
+        replan = replan if replanning else None
         total_steps = schedule.total  # the checkpoint's plan
         run.say(f"resuming at step {step}/{total_steps}")
-    elif run.budget is None:
-        replan = None  # max_steps given beside max_minutes: no budget
     from torch.utils.tensorboard import SummaryWriter
 
     writer = run.writer = SummaryWriter(str(run.out / "logs")) if dist.main else None
