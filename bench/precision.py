@@ -26,7 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16-frozen")
 
 
 def cpu_flags() -> str:
@@ -56,8 +56,9 @@ def speed(steps: int, rounds: int) -> None:
     print("\n| precision | s/step per round | median |\n|---|---|---|")
     for precision, values in times.items():
         print(f"| {precision} | {' / '.join(f'{v:.3f}' for v in values)} | {statistics.median(values):.3f} |")
-    ratio = statistics.median(times["fp32"]) / statistics.median(times["bf16"])
-    print(f"\nbf16 step speed-up over fp32: {ratio:.2f}x ({steps} steps of {batch}, {rounds} rounds)")
+    for precision in PRECISIONS[1:]:
+        ratio = statistics.median(times["fp32"]) / statistics.median(times[precision])
+        print(f"{precision} step speed-up over fp32: {ratio:.2f}x ({steps} steps of {batch}, {rounds} rounds)")
 
 
 def accuracy(seeds: list[int], precisions: list[str], output: str) -> None:

@@ -86,6 +86,11 @@ def test_the_estimate_moves_the_right_way(tiny):
     assert averaged.memory["weight average (ema)"] == lora.memory["gradients"]
     assert averaged.total_bytes == lora.total_bytes + lora.memory["gradients"] and "weight average (ema)" not in lora.memory
     assert qlora.memory["weights"] < lora.memory["weights"]
+    copies = plan(tiny, "lora", batch=4, seq=256, frozen_bf16=True)  # precision=bf16-frozen: the LM's linear weights once
+    lm_linears = {id(m.weight): m.weight.numel() for m in tiny.language_model.modules() if isinstance(m, torch.nn.Linear)}
+    assert copies.memory["bf16 copies"] == 2 * sum(lm_linears.values())
+    assert copies.total_bytes == lora.total_bytes + copies.memory["bf16 copies"]
+    assert "bf16 copies" not in plan(tiny, "full", batch=4, seq=256, frozen_bf16=True).memory  # nothing frozen to copy
     assert plan(tiny, "align", batch=4, seq=256).memory["activations"] < lora.memory["activations"]
     bf16 = plan(tiny, "full", batch=4, seq=256, bf16=True)
     assert bf16.memory["activations"] < base.memory["activations"] and bf16.memory["autocast copies"] > 0

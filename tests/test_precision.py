@@ -17,18 +17,19 @@ from vlmkit.build import load_model
 from vlmkit.train.loop import train
 
 
-@pytest.mark.parametrize("units", ["0", "1"])
-def test_auto_trains_in_fp32_on_cpu_with_or_without_bf16_units(parts, shapes, tmp_path, monkeypatch, units):
+@pytest.mark.parametrize("units, expected", [("0", "fp32"), ("1", "fp32"), ("amx", "bf16-frozen")])
+def test_auto_picks_fp32_or_frozen_bf16_products_by_the_cpus_units(parts, shapes, tmp_path, monkeypatch, units, expected):
     monkeypatch.setenv("VLMKIT_CPU_BF16", units)
-    assert cpu_has_bf16() == (units == "1")
+    assert cpu_has_bf16() == (units != "0")
     train_file, _ = shapes
     cfg = load_config(None, [f"vision={parts['clip']}", f"llm={parts['llama']}", "max_steps=1", "batch_size=2", "save_every=0"],
                       data=str(train_file), output=str(tmp_path / "run"))
     summary = train(cfg)
-    assert summary["precision"] == "fp32"
-    assert ("docs/precision.md" in summary["precision_reason"]) == (units == "1")
-    assert "no bf16 units" in summary["precision_reason"] or units == "1"
-    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["precision"] == "fp32"
+    assert summary["precision"] == expected
+    assert ("docs/precision.md" in summary["precision_reason"]) == (units != "0")
+    assert ("no bf16 units" in summary["precision_reason"]) == (units == "0")
+    assert ("this CPU has AMX" in summary["precision_reason"]) == (units == "amx")
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["precision"] == expected
 
 
 def test_precision_resolution(monkeypatch):
@@ -40,7 +41,7 @@ def test_precision_resolution(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert not training_precision("auto", cuda).bf16
     monkeypatch.setenv("VLMKIT_CPU_BF16", "yes")
-    with pytest.raises(VlmkitError, match="VLMKIT_CPU_BF16='yes': set it to 1"):
+    with pytest.raises(VlmkitError, match="VLMKIT_CPU_BF16='yes': set it to amx"):
         training_precision("auto", cpu)
 
 
@@ -85,3 +86,92 @@ def test_bf16_dpo_starts_at_log_2(parts, shapes, tmp_path):
         first = json.loads((out / "history.jsonl").read_text().splitlines()[0])
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
         assert first["rewards/margins"] == 0.0
+
+
+def _lora_llama(path):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from vlmkit.model.lora import add_lora
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    lm.requires_grad_(False)
+    holder = torch.nn.Module()
+    holder.language_model = lm
+    adapters = add_lora(holder, SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets="attention"))
+    for p in adapters:
+        p.requires_grad_(True)
+        torch.nn.init.normal_(p, std=0.05)  # B starts at zero: give the adapters something to say
+    return lm, adapters
+
+
+def _loss_and_grads(lm, adapters, ids):
+    lm.zero_grad(set_to_none=True)
+    loss = lm(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in adapters]
+
+
+def test_frozen_bf16_products_stay_close_to_fp32_and_leave_the_model_as_it_was(parts):
+    """precision=bf16-frozen: only the frozen linear layers multiply in bf16 (one copy each, the tied head and
+    embeddings sharing theirs); the loss and the adapters' gradients stay within bf16's rounding of fp32's,
+    the state dict is untouched, and after `restore` the model computes exactly what it did before."""
+    from vlmkit.model.frozen_bf16 import FrozenBf16
+
+    lm, adapters = _lora_llama(parts["llama"])
+    ids = torch.randint(0, lm.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(1))
+    keys = list(lm.state_dict())
+    loss, grads = _loss_and_grads(lm, adapters, ids)
+
+    frozen = FrozenBf16(lm)
+    frozen_names = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if m in frozen.layers}
+    assert frozen_names == {"base_layer", "gate_proj", "up_proj", "down_proj", "lm_head"}  # no adapter, nothing trained
+    assert frozen.bytes == sum(m.weight.numel() * 2 for m in frozen.layers)
+    low, low_grads = _loss_and_grads(lm, adapters, ids)
+    assert list(lm.state_dict()) == keys
+    assert low != loss  # the products did run in bf16...
+    assert low == pytest.approx(loss, rel=1e-2)  # ...within its rounding
+    for g, h in zip(grads, low_grads):
+        assert torch.linalg.vector_norm(g - h) <= 0.05 * torch.linalg.vector_norm(g)
+
+    frozen.restore()
+    frozen.restore()
+    again, again_grads = _loss_and_grads(lm, adapters, ids)
+    assert again == loss and all(torch.equal(g, h) for g, h in zip(grads, again_grads))
+
+
+def test_frozen_bf16_layers_sharing_a_weight_share_its_copy():
+    from vlmkit.model.frozen_bf16 import FrozenBf16
+
+    a, b, trained = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8)
+    b.weight = a.weight
+    a.requires_grad_(False)
+    frozen = FrozenBf16(torch.nn.Sequential(a, b, trained))
+    assert frozen.layers == [a, b] and frozen.bytes == 8 * 8 * 2
+    assert a.forward.args[0] is b.forward.args[0] and a.forward.args[0].dtype == torch.bfloat16
+
+
+def test_bf16_frozen_trains_resumes_exactly_and_saves_the_fp32_weights(parts, shapes, tmp_path):
+    def cfg(out):
+        train_file, _ = shapes
+        return load_config(None, [f"vision={parts['clip']}", f"llm={parts['llama']}", "method=lora", "image_tokens=4",
+                                  "batch_size=4", "max_steps=4", "lr=3e-3", "save_every=0", "precision=bf16-frozen"],
+                           data=str(train_file), output=str(out))
+
+    whole = train(cfg(tmp_path / "whole"))
+    assert whole["precision"] == "bf16-frozen" and "precision=bf16-frozen was asked for" in whole["precision_reason"]
+    cut = cfg(tmp_path / "cut")
+    assert train(cut, stop_after=2) == {"stopped_at": 2}
+    resumed = train(cut, resume=True)
+    a, _ = load_model(whole["model"])
+    b, _ = load_model(resumed["model"])
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(parts["llama"], dtype=torch.float32).state_dict()
+    saved = {k: v for k, v in a.state_dict().items() if k.endswith("layers.0.mlp.gate_proj.weight")}
+    assert len(saved) == 1  # a frozen weight is saved as it was, not rounded to bf16
+    assert torch.equal(next(iter(saved.values())), original["model.layers.0.mlp.gate_proj.weight"])

@@ -433,7 +433,7 @@ def test_the_budget_is_checked_as_it_runs_and_resumes_exactly(parts, shapes, tmp
 
     ticks = iter(range(10**9))
     monkeypatch.setattr(loop, "time_steps", lambda *a: 0.0625)
-    monkeypatch.setattr(loop, "clock", lambda: next(ticks) * 0.125)  # a step is read at its start and its end
+    monkeypatch.setattr(loop, "clock", lambda: next(ticks) * 0.125)  # read once before the loop and once a step
     budget = ["max_steps=0", "max_minutes=0.05", "save_every=0"]
     whole = train(tiny_config(parts, shapes, tmp_path / "whole", *budget))
     assert whole["budget"]["timed_plan"] == 48 and whole["steps"] == 24

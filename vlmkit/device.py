@@ -2,12 +2,13 @@
 
 `precision=auto` picks per device, from measurements (docs/precision.md):
 - CUDA: bf16 autocast where the GPU supports it (every recent NVIDIA GPU), as is standard.
-- CPU: fp32, also on CPUs with native bf16 units (AVX512-BF16, AMX). There bf16 autocast made the
-  quickstart's held-out accuracy lower over seeds, and its steps 1.34x faster on an AMD EPYC with
-  AVX512-BF16 but no faster on an Intel Xeon with AMX (docs/precision.md has the figures); on CPUs
-  without those units bf16 is emulated and slower than fp32. `precision=bf16` still asks for it.
+- CPU with AMX: `bf16-frozen`, fp32 but the frozen weights' products in bf16 (vlmkit.model.frozen_bf16): its
+  steps were 1.3x faster than fp32 on an Intel Xeon with AMX, where bf16 autocast was no faster.
+- other CPUs: fp32, also with AVX512-BF16 alone: there bf16 autocast made the quickstart's held-out
+  accuracy lower over seeds for steps 1.34x faster (an AMD EPYC); on CPUs without bf16 units bf16 is
+  emulated and slower than fp32. `precision=bf16` still asks for it. docs/precision.md has the figures.
 
-`VLMKIT_CPU_BF16=1` / `=0` overrides what the CPU is detected to have (tests force either path with it).
+`VLMKIT_CPU_BF16=amx` / `=1` / `=0` overrides what the CPU is detected to have (tests force each path with it).
 """
 
 from __future__ import annotations
@@ -37,14 +38,23 @@ def cpu_bf16_flags() -> list[str]:
     return [f for f in CPU_BF16_FLAGS if f in flags]
 
 
-def cpu_has_bf16() -> bool:
-    """Native bf16 units on this CPU; `VLMKIT_CPU_BF16=1|0` overrides the detection."""
+def cpu_bf16_units() -> str:
+    """This CPU's native bf16 units: `amx` (AMX tiles, whose products of bf16 matrices run several times
+    faster than fp32 ones), `avx512` (AVX512-BF16 alone) or `none`. `VLMKIT_CPU_BF16=amx|1|0` overrides the
+    detection (1: bf16 units without AMX)."""
     forced = os.environ.get("VLMKIT_CPU_BF16")
     if forced is not None:
-        if forced not in ("0", "1"):
-            raise VlmkitError(f"VLMKIT_CPU_BF16={forced!r}: set it to 1 (the CPU has bf16 units) or 0 (it has none)")
-        return forced == "1"
-    return bool(cpu_bf16_flags())
+        if forced not in ("0", "1", "amx"):
+            raise VlmkitError(f"VLMKIT_CPU_BF16={forced!r}: set it to amx (the CPU has AMX), 1 (bf16 units without AMX) "
+                              "or 0 (none)")
+        return {"0": "none", "1": "avx512", "amx": "amx"}[forced]
+    flags = cpu_bf16_flags()
+    return "amx" if "amx_bf16" in flags else "avx512" if flags else "none"
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 units on this CPU (AVX512-BF16 or AMX); `VLMKIT_CPU_BF16` overrides the detection."""
+    return cpu_bf16_units() != "none"
 
 
 @dataclass(frozen=True)
@@ -53,10 +63,11 @@ class Precision:
 
     bf16: bool
     reason: str
+    frozen_bf16: bool = False  # fp32, but the frozen weights' products in bf16 (vlmkit.model.frozen_bf16)
 
     @property
     def name(self) -> str:
-        return "bf16" if self.bf16 else "fp32"
+        return "bf16" if self.bf16 else "bf16-frozen" if self.frozen_bf16 else "fp32"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -66,11 +77,16 @@ class Precision:
 def training_precision(precision: str, device: torch.device) -> Precision:
     """Resolve the `precision` key (auto | fp32 | bf16) for `device`."""
     if precision != "auto":
-        return Precision(precision == "bf16", f"precision={precision} was asked for")
+        return Precision(precision == "bf16", f"precision={precision} was asked for", precision == "bf16-frozen")
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return Precision(True, "auto: this GPU supports bf16")
         return Precision(False, "auto: this GPU has no bf16 support")
-    if cpu_has_bf16():
-        return Precision(False, "auto: on CPU fp32 even with bf16 units (bf16 was less accurate, and faster on some such CPUs only: docs/precision.md)")
+    units = cpu_bf16_units()
+    if units == "amx":
+        return Precision(False, "auto: this CPU has AMX: the frozen weights' products in bf16, the rest in fp32 (1.3x "
+                         "faster steps than fp32: docs/precision.md)", frozen_bf16=True)
+    if units == "avx512":
+        return Precision(False, "auto: on a CPU with AVX512-BF16 but no AMX, fp32 (bf16 autocast was less accurate there: "
+                         "docs/precision.md)")
     return Precision(False, "auto: this CPU has no bf16 units (bf16 would be emulated, slower than fp32)")

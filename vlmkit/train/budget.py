@@ -7,12 +7,12 @@ which leaves every weight exactly as it was; the gradients are then thrown away 
 state put back, so the timing leaves no trace), and the budget divided by that time gives the steps. The
 count is written into the run's `config.yaml` as `max_steps`, so `--resume` continues the same schedule
 exactly, and the summary says what was measured. A faster machine gets more steps, not a shorter run.
-Checkpoints and evaluation passes are not timed and come on top.
+The timed steps do not hold the run's checkpoints and evaluation passes; the checks below do.
 
 A machine's speed drifts while it trains (shared cores, clocks, memory): on 2-core VMs the steps of a
 whole run took 3-11% longer than the few timed ones. So the plan is checked as it goes (`Replan`): at
 5, 25, 50, 75 and 90% of the current plan's steps, the steps since the last check give the seconds a
-step, and what is left of the minutes at that pace gives the new number of steps; the schedule's length
+step (the training loop's wall-clock time, its logging, evaluation passes and checkpoints included), and what is left of the minutes at that pace gives the new number of steps; the schedule's length
 follows (the first check falls where the default warm-up ends), the count is saved in `config.yaml`
 again, and the checkpoint keeps the checks' state, so a resumed run goes on with the same checks. As the
 checks follow the current plan, a plan cut short by a slow spell (another program on the cores) is
@@ -82,7 +82,7 @@ class Replan:
     def __init__(self, minutes: float, mean=lambda x: x):
         self.seconds = minutes * 60
         self.next = 0  # the next check's index in CHECKS
-        self.spent = 0.0  # seconds in training steps (evaluation passes and checkpoints are not counted)
+        self.spent = 0.0  # seconds of the training loop (its evaluation passes and checkpoints too)
         self.last = (0, 0.0)  # (step, seconds spent) at the last check
         self.plans: list[dict] = []  # {"step", "seconds_per_step", "steps"} at each check
         self.mean = mean

@@ -34,6 +34,7 @@ from vlmkit.data.collate import renderer_for
 from vlmkit.device import Precision, training_precision
 from vlmkit.errors import VlmkitError
 from vlmkit.io import atomic_write_text
+from vlmkit.model.frozen_bf16 import FrozenBf16
 from vlmkit.model.vlm import VlmkitForConditionalGeneration
 from vlmkit.recipe import Choice, choose_group_by_length, choose_steps, resolve
 from vlmkit.train.average import WeightAverage
@@ -111,6 +112,7 @@ class Run:
     trainable_parameters: int = 0
     budget: dict | None = None  # max_minutes: what was timed and the steps chosen
     recipe: list[Choice] = field(default_factory=list)  # the `auto` keys decided for this run, with reasons
+    frozen: FrozenBf16 | None = None  # precision=bf16-frozen: the frozen weights' bf16 copies, until the model is saved
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.bf16)
@@ -140,10 +142,14 @@ def train(
         cfg, choices = resolve(cfg, dist.device().type)  # the `auto` keys, before anything is saved or built
         out = check_run_folder(cfg, dist, resume, stop_after)
         run = set_up(cfg, out, dist, model_and_processor)
-        run.recipe = list(recipe or []) + choices + run.recipe  # set_up's choices from the data come last
-        if not run_steps(run, resume, stop_after):
-            return {"stopped_at": stop_after}
-        return finish(run)
+        try:
+            run.recipe = list(recipe or []) + choices + run.recipe  # set_up's choices from the data come last
+            if not run_steps(run, resume, stop_after):
+                return {"stopped_at": stop_after}
+            return finish(run)
+        finally:
+            if run.frozen is not None:  # the model passed in is handed back with its own layers
+                run.frozen.restore()
     finally:
         dist.close()
 
@@ -203,6 +209,8 @@ def set_up(cfg: TrainConfig, out: Path, dist, model_and_processor) -> Run:
         if dist.main:
             cfg.save(out / "config.yaml")
     initialise_from_data(model, processor.tokenizer, cfg, examples, images, run.say)
+    if run.precision.frozen_bf16:
+        run.frozen = FrozenBf16(model)
 
     chunks = first_epoch_chunks(examples, cfg.batch_size, dist.world, cfg.seed, cfg.group_by_length)
     if dist.main:  # DPO: the starting model's reference log-probs, written once...
@@ -285,8 +293,8 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
     batches = batches_from(run.examples, cfg.batch_size * dist.world, cfg.seed, step * cfg.grad_accum, cfg.group_by_length)
     start = time.time()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", file=sys.stderr, disable=not dist.main)
-    while step < total_steps:
-        began = clock()
+    mark = clock()  # a budget counts the whole loop: a step's seconds run to the next step's check, logging,
+    while step < total_steps:  # evaluation passes and checkpoints included
         micro = [run.to_device(objective.batch(next(batches)[rank_slice])) for _ in range(cfg.grad_accum)]
         weights = [objective.weight(b) for b in micro]
         total_weight = dist.all_sum(float(sum(weights)))  # the step's labelled tokens (pairs) on all ranks
@@ -309,7 +317,9 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
             average.update()
         step += 1
         record = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[-1], "grad_norm": float(grad_norm), **metrics}
-        if replan is not None and (planned := replan.after_step(step, clock() - began, total_steps)) is not None:
+        now = clock()
+        seconds, mark = now - mark, now
+        if replan is not None and (planned := replan.after_step(step, seconds, total_steps)) is not None:
             total_steps = bar.total = schedule.total = replanned(run, replan, total_steps, planned)
         if run.eval_examples and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and (dist.main or run.fsdp):
             record["eval_loss"] = run.evaluate()
@@ -393,6 +403,8 @@ def finish(run: Run) -> dict:
         run.history[-1]["eval_loss"] = final_eval
         run.writer.add_scalar("eval/loss", final_eval, run.steps)
     run.writer.close()
+    if run.frozen is not None:
+        run.frozen.restore()
     save_trained(run.model, run.processor, cfg, out / MODEL, state)
     write_history(run.history, out)
     if (out / CHECKPOINT).exists():

@@ -18,6 +18,8 @@ L = layers, a = heads, V = vocabulary):
                  in bf16; LoRA adapters in fp32: r * (in + out) per adapted linear layer
     autocast     bf16 autocast over fp32 weights keeps a bf16 copy of every weight a matmul saves for
                  the backward pass: 2 bytes per LM/projector linear parameter (not for qlora)
+    bf16 copies  precision=bf16-frozen: one bf16 copy of each frozen fp32 linear weight, kept for the run
+                 (vlmkit.model.frozen_bf16): 2 bytes per frozen LM linear parameter, a tied head once
     gradients    T at the trainable parameters' dtype
     optimizer    AdamW: 2 states x 4 bytes x T
     ema          with `ema` > 0: a copy of the trainable weights (their moving average)
@@ -125,6 +127,7 @@ def estimate(
     images_per_sample: int = 1,
     lora_targets: str = "auto",
     ema: bool = False,
+    frozen_bf16: bool = False,
 ) -> Plan:
     """The `Plan` of training `model` with `method` on batches of `batch_size` x `seq_len` tokens.
 
@@ -193,6 +196,9 @@ def estimate(
         if "vision_tower" in trained:
             fp32_linears += sum(m.weight.numel() for m in _linears(parts["vision_tower"]) if m.weight.element_size() == 4)
         memory["autocast copies"] = 2 * fp32_linears
+    if frozen_bf16 and method in ("lora", "align") and lm_name not in trained:
+        frozen = {id(m.weight): m.weight.numel() for m in _linears(lm) if m.weight.element_size() == 4}
+        memory["bf16 copies"] = 2 * sum(frozen.values())
 
     trainable_bytes = sum(p.numel() * p.element_size() for name in trained for p in part_params[name]) + adapter * 4
     n_trainable = sum(t for _, _, t in rows)
@@ -322,10 +328,11 @@ def plan_run(cfg: TrainConfig) -> str:
     method = "align" if cfg.stage == "align" else ("lora" if cfg.method == "dpo" and cfg.uses_lora else cfg.method)
     method = "full" if method == "dpo" else method
     batch = cfg.batch_size * (2 if cfg.method == "dpo" else 1)  # DPO scores chosen and rejected together
+    precision = training_precision(cfg.precision, device)
     plan = estimate(
-        model, method, batch, cfg.max_length, training_precision(cfg.precision, device).bf16, cfg.gradient_checkpointing,
+        model, method, batch, cfg.max_length, precision.bf16, cfg.gradient_checkpointing,
         lora_r=cfg.lora_r or 16, trainable_groups=("vision_tower",) if cfg.train_vision else (), lora_targets=cfg.lora_targets,
-        ema=cfg.ema > 0,
+        ema=cfg.ema > 0, frozen_bf16=precision.frozen_bf16,
     )
     chosen = "".join(f"\n  {c}" for c in choices)
     return (plan.table() + f"\n(batch {cfg.batch_size}, max_length {cfg.max_length}; device {device})"

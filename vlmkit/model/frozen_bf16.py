@@ -1,0 +1,51 @@
+"""Frozen weights multiplied in bf16, everything trained in fp32 (`precision=bf16-frozen`).
+
+LoRA and the projector train a few million values beside a language model whose weights stay fixed, and
+most of a step's time is the products with those fixed weights: the forward pass's, and the input
+gradients of the backward pass (a frozen weight gets no gradient of its own). On a CPU with AMX those
+products run about 3-4x faster in bf16 than in fp32 (docs/precision.md), but autocast casts every weight
+to bf16 again at every call, which ate the gain. Here each frozen `nn.Linear` gets its bf16 copy once and
+multiplies by it: its input is rounded to bf16 and its output returned in fp32, so the adapters, the
+projector, the norms, attention, the residual sums and the loss stay fp32.
+
+The copies live beside the model (not in its state dict) while the run holds them; `restore` puts the
+plain layers back before the model is merged and saved, so checkpoints and the saved model are unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _bf16_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    y = F.linear(x.to(torch.bfloat16), weight).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+class FrozenBf16:
+    """bf16 copies of `model`'s frozen linear weights, in use from construction until `restore()`."""
+
+    def __init__(self, model: nn.Module):
+        # exactly nn.Linear: LoRA's wrappers and 4-bit layers are other classes, and a trained layer is left alone
+        self.layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
+                       and not any(p.requires_grad for p in m.parameters())]
+        copies: dict[int, torch.Tensor] = {}  # tied weights (the LM's head and its embeddings) share one copy
+        for layer in self.layers:
+            weight = copies.setdefault(id(layer.weight), layer.weight.detach().to(torch.bfloat16))
+            layer.forward = functools.partial(_bf16_product, weight, layer.bias)
+
+    @property
+    def bytes(self) -> int:
+        """Memory the copies take."""
+        seen = {id(layer.forward.args[0]): layer.forward.args[0] for layer in self.layers if "forward" in vars(layer)}
+        return sum(w.numel() * w.element_size() for w in seen.values())
+
+    def restore(self) -> None:
+        """The layers' own fp32 forward again (twice is harmless)."""
+        for layer in self.layers:
+            vars(layer).pop("forward", None)
+        self.layers = []
