@@ -45,17 +45,18 @@ def test_precision_resolution(monkeypatch):
         training_precision("auto", cpu)
 
 
-def _cfg(parts, shapes, out, *extra):
+def _cfg(parts, shapes, out, method="full", precision="bf16"):
     train_file, _ = shapes
-    keys = [f"vision={parts['clip']}", f"llm={parts['llama']}", "method=full", "image_tokens=4", "batch_size=4", "max_steps=4", "lr=3e-3",
-            "save_every=0", "precision=bf16", *extra]
+    keys = [f"vision={parts['clip']}", f"llm={parts['llama']}", f"method={method}", "image_tokens=4", "batch_size=4", "max_steps=4",
+            "lr=3e-3", "save_every=0", f"precision={precision}"]
     return load_config(None, keys, data=str(train_file), output=str(out))
 
 
-def test_bf16_resume_gives_the_same_weights(parts, shapes, tmp_path):
-    whole = train(_cfg(parts, shapes, tmp_path / "whole"))
-    assert whole["precision"] == "bf16"
-    cut = _cfg(parts, shapes, tmp_path / "cut")
+@pytest.mark.parametrize("method, precision", [("full", "bf16"), ("lora", "bf16-frozen")])
+def test_bf16_and_bf16_frozen_resume_gives_the_same_weights(parts, shapes, tmp_path, method, precision):
+    whole = train(_cfg(parts, shapes, tmp_path / "whole", method, precision))
+    assert whole["precision"] == precision and f"precision={precision} was asked for" in whole["precision_reason"]
+    cut = _cfg(parts, shapes, tmp_path / "cut", method, precision)
     assert train(cut, stop_after=2) == {"stopped_at": 2}
     resumed = train(cut, resume=True)
     a, _ = load_model(whole["model"])
@@ -153,24 +154,10 @@ def test_frozen_bf16_layers_sharing_a_weight_share_its_copy():
     assert a.forward.args[0] is b.forward.args[0] and a.forward.args[0].dtype == torch.bfloat16
 
 
-def test_bf16_frozen_trains_resumes_exactly_and_saves_the_fp32_weights(parts, shapes, tmp_path):
-    def cfg(out):
-        train_file, _ = shapes
-        return load_config(None, [f"vision={parts['clip']}", f"llm={parts['llama']}", "method=lora", "image_tokens=4",
-                                  "batch_size=4", "max_steps=4", "lr=3e-3", "save_every=0", "precision=bf16-frozen"],
-                           data=str(train_file), output=str(out))
-
-    whole = train(cfg(tmp_path / "whole"))
-    assert whole["precision"] == "bf16-frozen" and "precision=bf16-frozen was asked for" in whole["precision_reason"]
-    cut = cfg(tmp_path / "cut")
-    assert train(cut, stop_after=2) == {"stopped_at": 2}
-    resumed = train(cut, resume=True)
-    a, _ = load_model(whole["model"])
-    b, _ = load_model(resumed["model"])
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(x, y), name
+def test_bf16_frozen_saves_the_fp32_weights(parts, shapes, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    a, _ = load_model(train(_cfg(parts, shapes, tmp_path / "run", "lora", "bf16-frozen"))["model"])
     original = AutoModelForCausalLM.from_pretrained(parts["llama"], dtype=torch.float32).state_dict()
     saved = {k: v for k, v in a.state_dict().items() if k.endswith("layers.0.mlp.gate_proj.weight")}
     assert len(saved) == 1  # a frozen weight is saved as it was, not rounded to bf16
