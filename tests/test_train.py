@@ -438,7 +438,7 @@ def test_the_budget_is_checked_as_it_runs_and_resumes_exactly(parts, shapes, tmp
     whole = train(tiny_config(parts, shapes, tmp_path / "whole", *budget))
     assert whole["budget"]["timed_plan"] == 48 and whole["steps"] == 24
     assert [(p["step"], p["seconds_per_step"], p["steps"]) for p in whole["budget"]["plans"]] == [
-        (2, 0.125, 24), (6, 0.125, 24), (12, 0.125, 24), (18, 0.125, 24), (22, 0.125, 24)]
+        (2, 0.125, 24), (6, 0.125, 24), (12, 0.125, 24), (18, 0.125, 24), (22, 0.125, 24), (23, 0.125, 24)]
     assert yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())["max_steps"] == 24
     reference, _ = load_model(whole["model"])
     for cut_at in (1, 10):  # before the first check (the checkpoint's checks are still to come) and after it
@@ -473,7 +473,7 @@ def test_a_budget_check_plans_what_the_minutes_left_buy_at_the_recent_pace():
 
     replan = Replan(minutes=1)  # 120 steps planned from a timed 0.5 s
     assert run(replan, lambda step: 0.5, 120) == (120, 60)  # the timed pace held: nothing changes
-    assert [p["step"] for p in replan.plans] == [6, 30, 60, 90, 108]
+    assert [p["step"] for p in replan.plans] == [6, 30, 60, 90, 108, 116]
     slower = Replan(minutes=1)  # twice as slow from step 7: the check at step 30 sees it
     total, spent = run(slower, lambda step: 0.5 if step <= 6 else 1.0, 120)
     assert slower.plans[1] == {"step": 30, "seconds_per_step": 1.0, "steps": 30 + (60 - 27)}

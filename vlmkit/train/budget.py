@@ -11,7 +11,7 @@ The timed steps do not hold the run's checkpoints and evaluation passes; the che
 
 A machine's speed drifts while it trains (shared cores, clocks, memory): on 2-core VMs the steps of a
 whole run took 3-11% longer than the few timed ones. So the plan is checked as it goes (`Replan`): at
-5, 25, 50, 75 and 90% of the current plan's steps, the steps since the last check give the seconds a
+5, 25, 50, 75, 90 and 97% of the current plan's steps, the steps since the last check give the seconds a
 step (the training loop's wall-clock time, its logging, evaluation passes and checkpoints included), and what is left of the minutes at that pace gives the new number of steps; the schedule's length
 follows (the first check falls where the default warm-up ends), the count is saved in `config.yaml`
 again, and the checkpoint keeps the checks' state, so a resumed run goes on with the same checks. As the
@@ -30,7 +30,7 @@ from vlmkit.train.checkpoint import capture_rng, restore_rng
 
 WARM_STEPS = 2  # untimed: the first passes allocate and pick kernels
 TIMED_STEPS = 6
-CHECKS = (0.05, 0.25, 0.5, 0.75, 0.9)  # the shares of the current plan's steps after which it is checked
+CHECKS = (0.05, 0.25, 0.5, 0.75, 0.9, 0.97)  # the shares of the current plan's steps after which it is checked
 
 
 def steps_for(minutes: float, seconds_per_step: float) -> int:
