@@ -6,6 +6,7 @@ Emulated bf16 is slow on CPUs without bf16 units, so the bf16 runs here are a fe
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from vlmkit.train.loop import train
 
 
 @pytest.mark.parametrize("units, expected", [("0", "fp32"), ("1", "fp32"), ("amx", "bf16-frozen")])
-def test_auto_picks_fp32_or_frozen_bf16_products_by_the_cpus_units(parts, shapes, tmp_path, monkeypatch, units, expected):
+def test_auto_picks_fp32_or_frozen_bf16_products_by_the_cpus_units(parts, shapes, tmp_path, monkeypatch, capfd, units, expected):
     monkeypatch.setenv("VLMKIT_CPU_BF16", units)
     assert cpu_has_bf16() == (units != "0")
     train_file, _ = shapes
@@ -30,6 +31,8 @@ def test_auto_picks_fp32_or_frozen_bf16_products_by_the_cpus_units(parts, shapes
     assert ("no bf16 units" in summary["precision_reason"]) == (units == "0")
     assert ("this CPU has AMX" in summary["precision_reason"]) == (units == "amx")
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["precision"] == expected
+    said = re.search(r"precision=bf16-frozen: bf16 copies of (\d+) frozen linear layers", capfd.readouterr().err)
+    assert (said is not None and int(said[1]) > 0) == (units == "amx")
 
 
 def test_precision_resolution(monkeypatch):
@@ -152,6 +155,8 @@ def test_frozen_bf16_layers_sharing_a_weight_share_its_copy():
     frozen = FrozenBf16(torch.nn.Sequential(a, b, trained))
     assert frozen.layers == [a, b] and frozen.bytes == 8 * 8 * 2
     assert a.forward.args[0] is b.forward.args[0] and a.forward.args[0].dtype == torch.bfloat16
+    frozen.restore()
+    assert frozen.bytes == 0 and "forward" not in vars(a) and "forward" not in vars(b)
 
 
 def test_bf16_frozen_saves_the_fp32_weights(parts, shapes, tmp_path):

@@ -33,19 +33,19 @@ class FrozenBf16:
         # exactly nn.Linear: LoRA's wrappers and 4-bit layers are other classes, and a trained layer is left alone
         self.layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
                        and not any(p.requires_grad for p in m.parameters())]
-        copies: dict[int, torch.Tensor] = {}  # tied weights (the LM's head and its embeddings) share one copy
+        self.copies: dict[int, torch.Tensor] = {}  # by the weight's id: layers that share a weight share its copy
         for layer in self.layers:
-            weight = copies.setdefault(id(layer.weight), layer.weight.detach().to(torch.bfloat16))
-            layer.forward = functools.partial(_bf16_product, weight, layer.bias)
+            if id(layer.weight) not in self.copies:
+                self.copies[id(layer.weight)] = layer.weight.detach().to(torch.bfloat16)
+            layer.forward = functools.partial(_bf16_product, self.copies[id(layer.weight)], layer.bias)
 
     @property
     def bytes(self) -> int:
         """Memory the copies take."""
-        seen = {id(layer.forward.args[0]): layer.forward.args[0] for layer in self.layers if "forward" in vars(layer)}
-        return sum(w.numel() * w.element_size() for w in seen.values())
+        return sum(w.numel() * w.element_size() for w in self.copies.values())
 
     def restore(self) -> None:
-        """The layers' own fp32 forward again (twice is harmless)."""
+        """The layers' own fp32 forward again, the copies freed (twice is harmless)."""
         for layer in self.layers:
             vars(layer).pop("forward", None)
-        self.layers = []
+        self.layers, self.copies = [], {}

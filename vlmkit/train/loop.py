@@ -211,6 +211,8 @@ def set_up(cfg: TrainConfig, out: Path, dist, model_and_processor) -> Run:
     initialise_from_data(model, processor.tokenizer, cfg, examples, images, run.say)
     if run.precision.frozen_bf16:
         run.frozen = FrozenBf16(model)
+        run.say(f"precision={run.precision.name}: bf16 copies of {len(run.frozen.layers)} frozen linear layers "
+                f"({run.frozen.bytes / 2**20:.0f} MiB), the rest in fp32")
 
     chunks = first_epoch_chunks(examples, cfg.batch_size, dist.world, cfg.seed, cfg.group_by_length)
     if dist.main:  # DPO: the starting model's reference log-probs, written once...
