@@ -59,7 +59,8 @@ def cpu_has_bf16() -> bool:
 
 @dataclass(frozen=True)
 class Precision:
-    """What a run computes in: bf16 autocast or fp32, and why (printed in the run's log and summary)."""
+    """What a run computes in: bf16 autocast, fp32, or fp32 with the frozen weights' products in bf16, and why
+    (printed in the run's log and summary)."""
 
     bf16: bool
     reason: str
@@ -75,7 +76,7 @@ class Precision:
 
 
 def training_precision(precision: str, device: torch.device) -> Precision:
-    """Resolve the `precision` key (auto | fp32 | bf16) for `device`."""
+    """Resolve the `precision` key (auto | fp32 | bf16 | bf16-frozen) for `device`."""
     if precision != "auto":
         return Precision(precision == "bf16", f"precision={precision} was asked for", precision == "bf16-frozen")
     if device.type == "cuda":
