@@ -12,7 +12,8 @@ The timed steps do not hold the run's checkpoints and evaluation passes; the che
 A machine's speed drifts while it trains (shared cores, clocks, memory): on 2-core VMs the steps of a
 whole run took 3-11% longer than the few timed ones. So the plan is checked as it goes (`Replan`): at
 5, 25, 50, 75, 90 and 97% of the current plan's steps, the steps since the last check give the seconds a
-step (the training loop's wall-clock time, its logging, evaluation passes and checkpoints included), and what is left of the minutes at that pace gives the new number of steps; the schedule's length
+step (the training loop's wall-clock time, its logging, evaluation passes and checkpoints included), and
+what is left of the minutes at that pace gives the new number of steps; the schedule's length
 follows (the first check falls where the default warm-up ends), the count is saved in `config.yaml`
 again, and the checkpoint keeps the checks' state, so a resumed run goes on with the same checks. As the
 checks follow the current plan, a plan cut short by a slow spell (another program on the cores) is
