@@ -26,13 +26,18 @@ def _bf16_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
     return y if bias is None else y + bias
 
 
+def copyable_linears(module: nn.Module) -> list[nn.Linear]:
+    """The layers of `module` that can multiply by a bf16 copy: exactly `nn.Linear` (LoRA's wrappers and
+    4-bit layers are other classes; the plain layer a LoRA wrapper holds is one) with an fp32 weight.
+    `FrozenBf16` copies those that do not train; `vlmkit.train.plan` counts them in the parts that will not."""
+    return [m for m in module.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32]
+
+
 class FrozenBf16:
     """bf16 copies of `model`'s frozen linear weights, in use from construction until `restore()`."""
 
     def __init__(self, model: nn.Module):
-        # exactly nn.Linear: LoRA's wrappers and 4-bit layers are other classes, and a trained layer is left alone
-        self.layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
-                       and not any(p.requires_grad for p in m.parameters())]
+        self.layers = [m for m in copyable_linears(model) if not any(p.requires_grad for p in m.parameters())]
         self.copies: dict[int, torch.Tensor] = {}  # by the weight's id: layers that share a weight share its copy
         for layer in self.layers:
             if id(layer.weight) not in self.copies:

@@ -19,7 +19,8 @@ L = layers, a = heads, V = vocabulary):
     autocast     bf16 autocast over fp32 weights keeps a bf16 copy of every weight a matmul saves for
                  the backward pass: 2 bytes per LM/projector linear parameter (not for qlora)
     bf16 copies  precision=bf16-frozen: one bf16 copy of each frozen fp32 linear weight, kept for the run
-                 (vlmkit.model.frozen_bf16): 2 bytes per frozen LM linear parameter, a tied head once
+                 (vlmkit.model.frozen_bf16): 2 bytes per parameter of the plain fp32 linear layers in the
+                 parts that do not train (the LM under lora/align, a frozen tower), a tied head once
     gradients    T at the trainable parameters' dtype
     optimizer    AdamW: 2 states x 4 bytes x T
     ema          with `ema` > 0: a copy of the trainable weights (their moving average)
@@ -55,6 +56,7 @@ from torch import nn
 from vlmkit.config import TrainConfig
 from vlmkit.device import resolve_device, training_precision
 from vlmkit.errors import VlmkitError
+from vlmkit.model.frozen_bf16 import copyable_linears
 
 METHODS = ("full", "lora", "qlora", "align")
 PARTS = ("vision_tower", "projector", "language_model")
@@ -196,9 +198,11 @@ def estimate(
         if "vision_tower" in trained:
             fp32_linears += sum(m.weight.numel() for m in _linears(parts["vision_tower"]) if m.weight.element_size() == 4)
         memory["autocast copies"] = 2 * fp32_linears
-    if frozen_bf16 and method in ("lora", "align") and lm_name not in trained:
-        frozen = {id(m.weight): m.weight.numel() for m in _linears(lm) if m.weight.element_size() == 4}
-        memory["bf16 copies"] = 2 * sum(frozen.values())
+    if frozen_bf16 and method != "qlora":
+        frozen = {id(m.weight): m.weight.numel() for name, part in parts.items() if name not in trained
+                  for m in copyable_linears(part)}
+        if frozen:
+            memory["bf16 copies"] = 2 * sum(frozen.values())
 
     trainable_bytes = sum(p.numel() * p.element_size() for name in trained for p in part_params[name]) + adapter * 4
     n_trainable = sum(t for _, _, t in rows)
