@@ -18,7 +18,7 @@ from vlmkit.build import load_model
 from vlmkit.train.loop import train
 
 
-@pytest.mark.parametrize("units, expected", [("0", "fp32"), ("1", "fp32"), ("amx", "bf16-frozen")])
+@pytest.mark.parametrize("units, expected", [("0", "fp32"), ("1", "bf16-frozen"), ("amx", "bf16-frozen")])
 def test_auto_picks_fp32_or_frozen_bf16_products_by_the_cpus_units(parts, shapes, tmp_path, monkeypatch, capfd, units, expected):
     monkeypatch.setenv("VLMKIT_CPU_BF16", units)
     assert cpu_has_bf16() == (units != "0")
@@ -30,9 +30,10 @@ def test_auto_picks_fp32_or_frozen_bf16_products_by_the_cpus_units(parts, shapes
     assert ("docs/precision.md" in summary["precision_reason"]) == (units != "0")
     assert ("no bf16 units" in summary["precision_reason"]) == (units == "0")
     assert ("this CPU has AMX" in summary["precision_reason"]) == (units == "amx")
+    assert ("this CPU has AVX512-BF16" in summary["precision_reason"]) == (units == "1")
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["precision"] == expected
     said = re.search(r"precision=bf16-frozen: bf16 copies of (\d+) frozen linear layers", capfd.readouterr().err)
-    assert (said is not None and int(said[1]) > 0) == (units == "amx")
+    assert (said is not None and int(said[1]) > 0) == (units != "0")
 
 
 def test_precision_resolution(monkeypatch):

@@ -2,11 +2,12 @@
 
 `precision=auto` picks per device, from measurements (docs/precision.md):
 - CUDA: bf16 autocast where the GPU supports it (every recent NVIDIA GPU), as is standard.
-- CPU with AMX: `bf16-frozen`, fp32 but the frozen weights' products in bf16 (vlmkit.model.frozen_bf16): its
-  steps were 1.3x faster than fp32 on an Intel Xeon with AMX, where bf16 autocast was no faster.
-- other CPUs: fp32, also with AVX512-BF16 alone: there bf16 autocast made the quickstart's held-out
-  accuracy lower over seeds for steps 1.34x faster (an AMD EPYC); on CPUs without bf16 units bf16 is
-  emulated and slower than fp32. `precision=bf16` still asks for it. docs/precision.md has the figures.
+- CPU with bf16 units (AMX, or AVX512-BF16 alone): `bf16-frozen`, fp32 but the frozen weights' products in
+  bf16 (vlmkit.model.frozen_bf16): its steps were 1.3x faster than fp32 on an Intel Xeon with AMX, 1.5x on an
+  AMD EPYC with AVX512-BF16, with the quickstart's held-out accuracy kept; bf16 autocast was no faster on the
+  first and less accurate on the second.
+- CPUs without bf16 units: fp32 (bf16 is emulated there, slower than fp32). `precision=bf16` still asks for
+  it. docs/precision.md has the figures.
 
 `VLMKIT_CPU_BF16=amx` / `=1` / `=0` overrides what the CPU is detected to have (tests force each path with it).
 """
@@ -22,6 +23,7 @@ import torch
 from vlmkit.errors import VlmkitError
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+SPEEDUPS = {"amx": "1.3x", "avx512": "1.5x"}  # bf16-frozen's quickstart steps against fp32's, measured (docs/precision.md)
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -84,10 +86,7 @@ def training_precision(precision: str, device: torch.device) -> Precision:
             return Precision(True, "auto: this GPU supports bf16")
         return Precision(False, "auto: this GPU has no bf16 support")
     units = cpu_bf16_units()
-    if units == "amx":
-        return Precision(False, "auto: this CPU has AMX: the frozen weights' products in bf16, the rest in fp32 (1.3x "
-                         "faster steps than fp32: docs/precision.md)", frozen_bf16=True)
-    if units == "avx512":
-        return Precision(False, "auto: on a CPU with AVX512-BF16 but no AMX, fp32 (bf16 autocast was less accurate there: "
-                         "docs/precision.md)")
+    if units != "none":
+        return Precision(False, f"auto: this CPU has {'AMX' if units == 'amx' else 'AVX512-BF16'}: the frozen weights' products "
+                         f"in bf16, the rest in fp32 ({SPEEDUPS[units]} faster steps than fp32: docs/precision.md)", frozen_bf16=True)
     return Precision(False, "auto: this CPU has no bf16 units (bf16 would be emulated, slower than fp32)")

@@ -3,10 +3,11 @@
 LoRA and the projector train a few million values beside a language model whose weights stay fixed, and
 most of a step's time is the products with those fixed weights: the forward pass's, and the input
 gradients of the backward pass (a frozen weight gets no gradient of its own). On a CPU with AMX those
-products run about 3-4x faster in bf16 than in fp32 (docs/precision.md), but autocast casts every weight
-to bf16 again at every call, which ate the gain. Here each frozen `nn.Linear` gets its bf16 copy once and
-multiplies by it: its input is rounded to bf16 and its output returned in fp32, so the adapters, the
-projector, the norms, attention, the residual sums and the loss stay fp32.
+products run about 3-4x faster in bf16 than in fp32 (docs/precision.md), and faster too with AVX512-BF16
+alone, but autocast casts every weight to bf16 again at every call, which ate the gain. Here each frozen
+`nn.Linear` gets its bf16 copy once and multiplies by it: its input is rounded to bf16 and its output
+returned in fp32, so the adapters, the projector, the norms, attention, the residual sums and the loss
+stay fp32.
 
 The copies live beside the model (not in its state dict) while the run holds them; `restore` puts the
 plain layers back before the model is merged and saved, so checkpoints and the saved model are unchanged.
