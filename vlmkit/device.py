@@ -23,7 +23,8 @@ import torch
 from vlmkit.errors import VlmkitError
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-SPEEDUPS = {"amx": "1.3x", "avx512": "1.5x"}  # bf16-frozen's quickstart steps against fp32's, measured (docs/precision.md)
+# each kind of bf16 units: its name, and how much faster bf16-frozen's quickstart steps were than fp32's (docs/precision.md)
+BF16_UNITS = {"amx": ("AMX", "1.3x"), "avx512": ("AVX512-BF16", "1.5x")}
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -86,7 +87,8 @@ def training_precision(precision: str, device: torch.device) -> Precision:
             return Precision(True, "auto: this GPU supports bf16")
         return Precision(False, "auto: this GPU has no bf16 support")
     units = cpu_bf16_units()
-    if units != "none":
-        return Precision(False, f"auto: this CPU has {'AMX' if units == 'amx' else 'AVX512-BF16'}: the frozen weights' products "
-                         f"in bf16, the rest in fp32 ({SPEEDUPS[units]} faster steps than fp32: docs/precision.md)", frozen_bf16=True)
+    if units in BF16_UNITS:
+        name, speedup = BF16_UNITS[units]
+        return Precision(False, f"auto: this CPU has {name}: the frozen weights' products in bf16, the rest in fp32 "
+                         f"({speedup} faster steps than fp32: docs/precision.md)", frozen_bf16=True)
     return Precision(False, "auto: this CPU has no bf16 units (bf16 would be emulated, slower than fp32)")
