@@ -17,6 +17,7 @@ docs/generality.md ("Where the rest is lost").
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -86,13 +87,20 @@ def main() -> None:
     spec = model.config.vision
     if (args.layers or args.train_last_block) and spec.get("kind") != "efficientnet_lite0":
         sys.exit(f"--layers / --train-last-block: {args.model} has a {spec.get('kind')} tower; they read the built-in CNN's layers")
-    for layer in args.layers:
+
+    @functools.cache
+    def layer_grids(layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The training and held-out grids of the built-in CNN's `layer` (read once, with the model's tower
+        weights), and its channels."""
         from vlmkit.model.vision import EfficientNetTower
 
-        tower = EfficientNetTower({**spec, "feature_layer": layer})
+        tower = EfficientNetTower({**spec, "feature_layer": layer}).eval()
         tower.net = model.vision_tower.net
-        views[f"the {side}x{side} pooled tokens of layer {layer} ({tower.hidden_size} channels)"] = (
-            pooled, grids(train_paths, tower.eval()), grids(test_paths, tower))
+        return grids(train_paths, tower), grids(test_paths, tower), tower.hidden_size
+
+    for layer in args.layers:
+        train_grid, test_grid, channels = layer_grids(layer)
+        views[f"the {side}x{side} pooled tokens of layer {layer} ({channels} channels)"] = (pooled, train_grid, test_grid)
     print(f"{len(y_train)} training and {len(y_test)} held-out samples; tower grid {tuple(full_train.shape[1:])}")
     print("| features | C | held-out | training |\n|---|---|---|---|")
     for name, (view, train_grid, test_grid) in views.items():
@@ -103,11 +111,7 @@ def main() -> None:
             fit = LogisticRegression(C=c, max_iter=2000).fit(a, y_train)
             print(f"| {name} | {c:g} | {fit.score(b, y_test):.3f} | {fit.score(a, y_train):.3f} |", flush=True)
     if args.train_last_block:
-        from vlmkit.model.vision import EfficientNetTower
-
-        tower = EfficientNetTower({**spec, "feature_layer": -3})  # the last block's input
-        tower.net = model.vision_tower.net
-        inputs = (grids(train_paths, tower.eval()), grids(test_paths, tower))
+        inputs = layer_grids(-3)[:2]  # the last block's input
         print(f"\nthe last block under a linear head on its {side}x{side} pooled tokens (AdamW, head at 1e-3, batch 32; "
               "held-out after 5 / 10 / 25 epochs)\n| the last block | held-out | training, last epoch |\n|---|---|---|")
         for block_lr in (0.0, 1e-4, 1e-3):
