@@ -155,9 +155,11 @@ def test_frozen_bf16_layers_sharing_a_weight_share_its_copy():
     a.requires_grad_(False)
     frozen = FrozenBf16(torch.nn.Sequential(a, b, trained))
     assert frozen.layers == [a, b] and frozen.bytes == 8 * 8 * 2
-    assert a.forward.args[0] is b.forward.args[0] and a.forward.args[0].dtype == torch.bfloat16
+    assert a.bf16_weight is b.bf16_weight and a.bf16_weight.dtype == torch.bfloat16
+    assert "bf16_weight" not in torch.nn.Sequential(a, b).state_dict() and "forward" in vars(a)
     frozen.restore()
     assert frozen.bytes == 0 and "forward" not in vars(a) and "forward" not in vars(b)
+    assert not hasattr(a, "bf16_weight") and not hasattr(b, "bf16_weight")
 
 
 def test_bf16_frozen_saves_the_fp32_weights(parts, shapes, tmp_path):

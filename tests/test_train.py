@@ -414,7 +414,9 @@ def test_max_minutes_fixes_the_steps_by_timing(parts, shapes, tmp_path):
     # 6 seconds of tiny steps (about 0.03 s each alone; over 1 s each on a machine busy with other runs)
     whole = train(tiny_config(parts, shapes, tmp_path / "whole", "max_steps=0", "max_minutes=0.1", "save_every=0", "epochs=2"))
     budget = whole["budget"]
-    assert budget["seconds_per_step"] > 0 and budget["timed_plan"] == steps_for(0.1, budget["seconds_per_step"])
+    assert budget["seconds_per_step"] > 0 and budget["timing_seconds"] > 0
+    # the timing's own seconds count in the minutes
+    assert budget["timed_plan"] == steps_for(0.1 - budget["timing_seconds"] / 60, budget["seconds_per_step"])
     # the checks as it ran planned the steps it took, each from the pace since the one before
     assert whole["steps"] == budget["steps"] == (budget["plans"][-1]["steps"] if budget["plans"] else budget["timed_plan"])
     assert all(p["seconds_per_step"] > 0 for p in budget["plans"])
@@ -423,30 +425,31 @@ def test_max_minutes_fixes_the_steps_by_timing(parts, shapes, tmp_path):
 
 
 def test_the_budget_is_checked_as_it_runs_and_resumes_exactly(parts, shapes, tmp_path, monkeypatch):
-    """The timed steps plan 48 steps of 0.0625 s for 3 seconds; the run's steps take 0.125 s (a fake clock,
-    in binary-exact steps), so the first check (at step 2) plans 24, and the later ones keep it. Runs cut
-    before and after that check and resumed from their config.yaml end where the whole run does, with the
-    same weights."""
+    """The timing takes 0.125 s of the 3 seconds and plans 46 steps of 0.0625 s; the run's steps take 0.125 s
+    (a fake clock, in binary-exact steps), so the first check (at step 2) plans 23, and the later ones keep
+    it. Runs cut before and after that check and resumed from their config.yaml end where the whole run
+    does, with the same weights."""
     import yaml
 
     from vlmkit.train import loop
 
     ticks = iter(range(10**9))
     monkeypatch.setattr(loop, "time_steps", lambda *a: 0.0625)
-    monkeypatch.setattr(loop, "clock", lambda: next(ticks) * 0.125)  # read once before the loop and once a step
+    # read before and after the timing, once before the loop and once a step
+    monkeypatch.setattr(loop, "clock", lambda: next(ticks) * 0.125)
     budget = ["max_steps=0", "max_minutes=0.05", "save_every=0"]
     whole = train(tiny_config(parts, shapes, tmp_path / "whole", *budget))
-    assert whole["budget"]["timed_plan"] == 48 and whole["steps"] == 24
+    assert whole["budget"]["timing_seconds"] == 0.125 and whole["budget"]["timed_plan"] == 46 and whole["steps"] == 23
     assert [(p["step"], p["seconds_per_step"], p["steps"]) for p in whole["budget"]["plans"]] == [
-        (2, 0.125, 24), (6, 0.125, 24), (12, 0.125, 24), (18, 0.125, 24), (22, 0.125, 24), (23, 0.125, 24)]
-    assert yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())["max_steps"] == 24
+        (2, 0.125, 23), (6, 0.125, 23), (12, 0.125, 23), (17, 0.125, 23), (21, 0.125, 23), (22, 0.125, 23)]
+    assert yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())["max_steps"] == 23
     reference, _ = load_model(whole["model"])
     for cut_at in (1, 10):  # before the first check (the checkpoint's checks are still to come) and after it
         cut = tmp_path / f"cut{cut_at}"
         assert train(tiny_config(parts, shapes, cut, *budget), stop_after=cut_at) == {"stopped_at": cut_at}
-        assert yaml.safe_load((cut / "config.yaml").read_text())["max_steps"] == (48 if cut_at < 2 else 24)
+        assert yaml.safe_load((cut / "config.yaml").read_text())["max_steps"] == (46 if cut_at < 2 else 23)
         resumed = train(load_config(str(cut / "config.yaml")), resume=True)  # as `vlmkit train --resume` does
-        assert resumed["steps"] == 24 and yaml.safe_load((cut / "config.yaml").read_text())["max_steps"] == 24
+        assert resumed["steps"] == 23 and yaml.safe_load((cut / "config.yaml").read_text())["max_steps"] == 23
         for (name, x), (_, y) in zip(load_model(resumed["model"])[0].state_dict().items(), reference.state_dict().items()):
             assert torch.equal(x, y), (cut_at, name)
 
@@ -454,8 +457,8 @@ def test_the_budget_is_checked_as_it_runs_and_resumes_exactly(parts, shapes, tmp
     # as the same steps without a budget
     monkeypatch.setattr(loop, "time_steps", lambda *a: 0.125)
     steady = train(tiny_config(parts, shapes, tmp_path / "steady", *budget))
-    assert steady["steps"] == 24 and all(p["steps"] == 24 for p in steady["budget"]["plans"])
-    same = train(tiny_config(parts, shapes, tmp_path / "same", "max_steps=24", "save_every=0"))
+    assert steady["steps"] == 23 and all(p["steps"] == 23 for p in steady["budget"]["plans"])
+    same = train(tiny_config(parts, shapes, tmp_path / "same", "max_steps=23", "save_every=0"))
     for (name, x), (_, y) in zip(load_model(steady["model"])[0].state_dict().items(), load_model(same["model"])[0].state_dict().items()):
         assert torch.equal(x, y), name
 
@@ -494,6 +497,49 @@ def test_a_budget_check_plans_what_the_minutes_left_buy_at_the_recent_pace():
     assert run(saved, spell_pace, total_at_40, first=41) == (total, spent)
     over = Replan(minutes=0.01)  # the minutes are spent by the first check: stop there
     assert run(over, lambda step: 1.0, 100) == (5, 5.0)
+    timed = Replan(minutes=1, spent=10.0)  # the timing took 10 s of the minute: 100 steps of 0.5 s are left
+    assert run(timed, lambda step: 0.5, 100) == (100, 60)
+    assert timed.plans[0] == {"step": 5, "seconds_per_step": 0.5, "steps": 100}
+
+
+def test_compiled_blocks_train_as_the_plain_ones_and_the_model_is_saved_plain(parts, shapes, tmp_path):
+    """compile=true: the LM's blocks run compiled, all of them through one graph per kind of batch (not one
+    per block), the losses follow the plain run's within rounding, and each block has its own forward back
+    before the model is saved."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from vlmkit.build import for_training
+    from vlmkit.train.compiled import cxx_compiler, repeated_blocks
+
+    if cxx_compiler() is None:
+        pytest.skip("TorchInductor builds CPU kernels with a C++ compiler; none is installed")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(parts["llama"])
+    config.num_hidden_layers = 6  # more blocks than kinds of batch: one graph a block would show
+    deep = tmp_path / "llama6"
+    AutoModelForCausalLM.from_config(config).save_pretrained(deep)
+    AutoTokenizer.from_pretrained(parts["llama"]).save_pretrained(deep)
+    keys = ["max_steps=6", "save_every=0", "group_by_length=false", f"llm={deep}"]
+    plain = train(tiny_config(parts, shapes, tmp_path / "plain", *keys))
+    cfg = tiny_config(parts, shapes, tmp_path / "compiled", *keys, "compile=true")
+    model, processor = for_training(cfg)
+    blocks = repeated_blocks(model)
+    assert len(blocks) == 6
+    graphs = []
+    for run in ((cfg, (model, processor)), (tiny_config(parts, shapes, tmp_path / "two", *keys[:-1], "compile=true"), None)):
+        torch._dynamo.reset()
+        counters.clear()
+        summary = train(run[0], model_and_processor=run[1])
+        graphs.append(counters["stats"]["unique_graphs"])
+        compiled = compiled if graphs[1:] else summary
+    assert graphs[0] == graphs[1] >= 1  # six blocks compile no more graphs than two: they share them
+    assert all("forward" not in vars(block) for block in blocks)
+    losses = [[json.loads(line)["loss"] for line in (run / "history.jsonl").read_text().splitlines()]
+              for run in (tmp_path / "plain", tmp_path / "compiled")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    assert load_model(compiled["model"])[0].state_dict().keys() == load_model(plain["model"])[0].state_dict().keys()
 
 
 def test_steps_without_a_budget_are_the_epochs_or_the_recipes_choice():

@@ -84,6 +84,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     ema: float = 0.0  # > 0: save a moving average of the trainable weights, time constant ema x the run's steps
     precision: str = "auto"  # auto | fp32 | bf16 (autocast) | bf16-frozen (frozen weights' products in bf16)
+    compile: bool = False  # torch.compile the LM's blocks (TorchInductor; on CPU it needs a C++ compiler)
     seed: int = 0
     # bookkeeping
     output: str = "runs/train"

@@ -9,22 +9,26 @@ alone, but autocast casts every weight to bf16 again at every call, which ate th
 returned in fp32, so the adapters, the projector, the norms, attention, the residual sums and the loss
 stay fp32.
 
-The copies live beside the model (not in its state dict) while the run holds them; `restore` puts the
-plain layers back before the model is merged and saved, so checkpoints and the saved model are unchanged.
+Each copy is a buffer of its layer that the state dict leaves out (`bf16_weight`), read by the layer's
+forward like its own weight, so the layers of a compiled block (`vlmkit.train.compiled`) share one graph.
+`restore` puts the plain layers back before the model is merged and saved, so checkpoints and the saved
+model are unchanged.
 """
 
 from __future__ import annotations
 
-import functools
+import types
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+COPY = "bf16_weight"
 
-def _bf16_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    y = F.linear(x.to(torch.bfloat16), weight).to(x.dtype)
-    return y if bias is None else y + bias
+
+def _bf16_forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    y = F.linear(x.to(torch.bfloat16), getattr(layer, COPY)).to(x.dtype)
+    return y if layer.bias is None else y + layer.bias
 
 
 def copyable_linears(module: nn.Module) -> list[nn.Linear]:
@@ -43,7 +47,8 @@ class FrozenBf16:
         for layer in self.layers:
             if id(layer.weight) not in self.copies:
                 self.copies[id(layer.weight)] = layer.weight.detach().to(torch.bfloat16)
-            layer.forward = functools.partial(_bf16_product, self.copies[id(layer.weight)], layer.bias)
+            layer.register_buffer(COPY, self.copies[id(layer.weight)], persistent=False)
+            layer.forward = types.MethodType(_bf16_forward, layer)
 
     @property
     def bytes(self) -> int:
@@ -54,4 +59,6 @@ class FrozenBf16:
         """The layers' own fp32 forward again, the copies freed (twice is harmless)."""
         for layer in self.layers:
             vars(layer).pop("forward", None)
+            if hasattr(layer, COPY):
+                delattr(layer, COPY)
         self.layers, self.copies = [], {}

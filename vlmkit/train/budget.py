@@ -7,7 +7,8 @@ which leaves every weight exactly as it was; the gradients are then thrown away 
 state put back, so the timing leaves no trace), and the budget divided by that time gives the steps. The
 count is written into the run's `config.yaml` as `max_steps`, so `--resume` continues the same schedule
 exactly, and the summary says what was measured. A faster machine gets more steps, not a shorter run.
-The timed steps do not hold the run's checkpoints and evaluation passes; the checks below do.
+The timed steps do not hold the run's checkpoints and evaluation passes; the checks below do. The
+timing's own seconds count in the minutes (`spent`): a few steps' worth, or with `compile` the compiling too.
 
 A machine's speed drifts while it trains (shared cores, clocks, memory): on 2-core VMs the steps of a
 whole run took 3-11% longer than the few timed ones. So the plan is checked as it goes (`Replan`): at
@@ -29,7 +30,7 @@ import torch
 from vlmkit.train.batches import spread_batches
 from vlmkit.train.checkpoint import capture_rng, restore_rng
 
-WARM_STEPS = 2  # untimed: the first passes allocate and pick kernels
+WARM_STEPS = 3  # untimed: the first passes allocate, pick kernels and compile
 TIMED_STEPS = 6
 CHECKS = (0.05, 0.25, 0.5, 0.75, 0.9, 0.97)  # the shares of the current plan's steps after which it is checked
 
@@ -37,6 +38,19 @@ CHECKS = (0.05, 0.25, 0.5, 0.75, 0.9, 0.97)  # the shares of the current plan's 
 def steps_for(minutes: float, seconds_per_step: float) -> int:
     """How many steps of `seconds_per_step` fit in `minutes` (at least one)."""
     return max(1, int(minutes * 60 / max(seconds_per_step, 1e-9)))
+
+
+def warm_batches(timed: list[list]) -> list[list]:
+    """WARM_STEPS of the batches to time, of as many widths as they have, the narrowest and the widest first: a
+    compiled run (`compile`) compiles a graph for each of the first two widths it meets and, at the third, one
+    for any width, all before the timed steps."""
+    warm, widths = [], set()
+    for batch in [timed[0], timed[-1], *timed[1:-1]]:
+        width = max(e.length for e in batch)
+        if width not in widths and len(warm) < WARM_STEPS:
+            warm.append(batch)
+            widths.add(width)
+    return warm + [timed[len(timed) // 2]] * (WARM_STEPS - len(warm))
 
 
 def time_steps(run, runner, rank_slice: slice, make_optimizer) -> float:
@@ -47,7 +61,7 @@ def time_steps(run, runner, rank_slice: slice, make_optimizer) -> float:
     rng = capture_rng()
     timed = spread_batches(run.examples, cfg.batch_size * dist.world, cfg.seed + 1, TIMED_STEPS * cfg.grad_accum,
                            cfg.group_by_length)
-    warm = [timed[len(timed) // 2]] * (WARM_STEPS * cfg.grad_accum)  # a batch of the median width
+    warm = [b for b in warm_batches(timed) for _ in range(cfg.grad_accum)]
     batches = iter(warm + timed)
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     probe = make_optimizer(0.0)  # its state is thrown away with it
@@ -80,11 +94,11 @@ class Replan:
     multi-process run, so every rank makes the same plan. `state_dict` / `load_state_dict` carry it
     through a checkpoint."""
 
-    def __init__(self, minutes: float, mean=lambda x: x):
+    def __init__(self, minutes: float, mean=lambda x: x, spent: float = 0.0):
         self.seconds = minutes * 60
         self.next = 0  # the next check's index in CHECKS
-        self.spent = 0.0  # seconds of the training loop (its evaluation passes and checkpoints too)
-        self.last = (0, 0.0)  # (step, seconds spent) at the last check
+        self.spent = spent  # seconds of the training loop (its evaluation passes and checkpoints too), and before it
+        self.last = (0, spent)  # (step, seconds spent) at the last check
         self.plans: list[dict] = []  # {"step", "seconds_per_step", "steps"} at each check
         self.mean = mean
 

@@ -15,6 +15,7 @@ Everything is written to a temporary file or folder and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -41,6 +42,7 @@ from vlmkit.train.average import WeightAverage
 from vlmkit.train.batches import batches_from, first_epoch_chunks
 from vlmkit.train.budget import TIMED_STEPS, Replan, steps_for, time_steps
 from vlmkit.train.checkpoint import capture_rng, load_checkpoint, save_checkpoint
+from vlmkit.train.compiled import CompiledBlocks, cxx_compiler
 from vlmkit.train.distributed import setup
 from vlmkit.train.features import ImageSource
 from vlmkit.train.finish import save_trained, write_history
@@ -113,6 +115,13 @@ class Run:
     budget: dict | None = None  # max_minutes: what was timed and the steps chosen
     recipe: list[Choice] = field(default_factory=list)  # the `auto` keys decided for this run, with reasons
     frozen: FrozenBf16 | None = None  # precision=bf16-frozen: the frozen weights' bf16 copies, until the model is saved
+    compiled: CompiledBlocks | None = None  # compile: the LM's blocks' compiled forward, until the model is saved
+
+    def release(self) -> None:
+        """The model's own layers again: no bf16 copies, no compiled blocks (twice is harmless)."""
+        for held in (self.frozen, self.compiled):
+            if held is not None:
+                held.restore()
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.bf16)
@@ -122,7 +131,8 @@ class Run:
                 for k, v in batch.items()}
 
     def evaluate(self) -> float:
-        with self.autocast():
+        # compiled blocks run plain here: no-grad passes would compile graphs of their own, one a block
+        with self.autocast(), torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext():
             return run_eval(self.model, lambda: self.objective.eval(self.model, self.eval_examples, self.cfg.batch_size, self.to_device))
 
     def say(self, msg: str) -> None:
@@ -148,8 +158,7 @@ def train(
                 return {"stopped_at": stop_after}
             return finish(run)
         finally:
-            if run.frozen is not None:  # the model passed in is handed back with its own layers
-                run.frozen.restore()
+            run.release()  # the model passed in is handed back with its own layers
     finally:
         dist.close()
 
@@ -220,6 +229,16 @@ def set_up(cfg: TrainConfig, out: Path, dist, model_and_processor) -> Run:
     dist.barrier()
     if not dist.main:  # ...and read by the other ranks
         objective.prepare(model, examples, out, run.to_device, chunks, run.autocast)
+    if cfg.compile:
+        if device.type == "cpu" and cxx_compiler() is None:
+            raise VlmkitError("compile=true: TorchInductor builds CPU kernels with a C++ compiler, and none was found "
+                              "(g++ or clang++ on PATH, or $CXX); install one or set compile=false")
+        run.compiled = CompiledBlocks(model)
+        if not run.compiled.blocks:
+            raise VlmkitError("compile=true: this model has no repeated blocks (an nn.ModuleList of its LM's layers) to "
+                              "compile; set compile=false")
+        run.say(f"compile: {len(run.compiled.blocks)} blocks of the LM compiled by torch.compile for the training steps "
+                "(the first steps compile them; evaluation passes run them plain)")
     if run.fsdp:
         shard_groups(run)
     return run
@@ -273,7 +292,8 @@ def run_steps(run: Run, resume: bool, stop_after: int | None) -> bool:
     # max_minutes: the plan is checked as the run goes; a resumed run goes on with the checkpoint's checks, if
     # it holds any (none when max_steps was given beside max_minutes: no budget)
     budgeted = run.budget is not None or (resume and cfg.max_minutes > 0)
-    replan = Replan(cfg.max_minutes, lambda x: dist.all_sum(x) / dist.world) if budgeted else None
+    spent = run.budget["timing_seconds"] if run.budget is not None else 0.0
+    replan = Replan(cfg.max_minutes, lambda x: dist.all_sum(x) / dist.world, spent) if budgeted else None
     schedule = scheduler.lr_lambdas[0]
 
     step = 0
@@ -364,13 +384,15 @@ def fix_steps_to_budget(run: Run, runner, rank_slice: slice, make_optimizer, wit
     `without` (and the recipe's `choice`, if it made one): the steps the run would take without the budget,
     reported beside the budget's."""
     cfg = run.cfg
+    begun = clock()
     seconds = time_steps(run, runner, rank_slice, make_optimizer)
-    cfg.max_steps = steps_for(cfg.max_minutes, seconds)
+    spent = run.dist.all_sum(clock() - begun) / run.dist.world  # counted in the minutes: compiling too
+    cfg.max_steps = steps_for(cfg.max_minutes - spent / 60, seconds)
     run.budget = {"max_minutes": cfg.max_minutes, "seconds_per_step": seconds, "steps": cfg.max_steps,
-                  "timed_steps": TIMED_STEPS, "steps_without_budget": without}
+                  "timed_steps": TIMED_STEPS, "steps_without_budget": without, "timing_seconds": spent}
     unbudgeted = f"{without} ({choice.reason if choice is not None else f'epochs={cfg.epochs:g}'})" if without else "none"
     run.say(f"max_minutes={cfg.max_minutes:g}: {seconds:.3f} s a step over {TIMED_STEPS} timed steps (batches from the "
-            f"epoch's narrowest to its widest) -> "
+            f"epoch's narrowest to its widest; the timing took {spent:.1f} s{', compiling included' if cfg.compile else ''}) -> "
             f"max_steps={cfg.max_steps} (saved in config.yaml, so --resume keeps it); steps without the budget: {unbudgeted}")
     if run.dist.main:
         cfg.save(run.out / "config.yaml")
@@ -405,8 +427,7 @@ def finish(run: Run) -> dict:
         run.history[-1]["eval_loss"] = final_eval
         run.writer.add_scalar("eval/loss", final_eval, run.steps)
     run.writer.close()
-    if run.frozen is not None:
-        run.frozen.restore()
+    run.release()
     save_trained(run.model, run.processor, cfg, out / MODEL, state)
     write_history(run.history, out)
     if (out / CHECKPOINT).exists():
