@@ -8,10 +8,11 @@ block's forward and backward become a few fused kernels (docs/precision.md has t
 
 Every block is compiled alone, and all of them share one graph: the blocks are alike and their weights
 (the bf16 copies of `vlmkit.model.frozen_bf16` included) are the graph's inputs, so the compiling costs
-one block's forward and backward: about 25 s on 2 cores, 10 s more when a batch of another width first
-comes (the graph then takes any sequence length), and less again when TorchInductor's on-disk cache
-already holds the kernels. The compiled forward is set on each block until `restore()`, which puts the
-plain one back, so the model that is merged and saved is the one built.
+one block's forward and backward for each of the first two batch widths, then once for any width: 34-54 s
+on 2 CPU cores from an empty TorchInductor cache, less when its on-disk cache holds the kernels. The
+compiled forward is set on each block until `restore()`, which puts the plain one back, so the model that
+is merged and saved is the one built. Not a default: on a 2-core CPU its steps were 1.0-1.25x faster, and
+two whole runs with it scored lower than plain ones (docs/precision.md).
 """
 
 from __future__ import annotations

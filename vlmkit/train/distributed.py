@@ -52,6 +52,12 @@ class Dist:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
+        from vlmkit.model.frozen_bf16 import COPY
+
+        # bf16-frozen's copies are buffers (so compiled blocks share a graph) but alike on every rank: not broadcast
+        copies = [name for name, _ in model.named_buffers() if name.rsplit(".", 1)[-1] == COPY]
+        if copies:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, copies)
         ids = [self.local_rank] if torch.cuda.is_available() else None
         return DistributedDataParallel(model, device_ids=ids)
 
