@@ -14,7 +14,8 @@ configuration (the defaults plus those keys) in the same process, beside the fir
 
 A run folder with a `result.json` is read instead of rerun, so a killed benchmark continues where it
 stopped (a run killed before its result is started over). `--set` applies keys to every configuration
-(e.g. other parts); `--n-train` / `--n-test` write smaller datasets, for a quick look.
+(e.g. other parts); `--n-train` / `--n-test` write smaller (or larger) datasets, for a quick look, and `--types`
+keeps one or more question types alone.
 Time: about `minutes` plus a few minutes (feature caching, saving, held-out generation) per run, so the
 defaults (7 datasets x 3 seeds x 15 min) take about 6 hours on 2 CPU cores, per configuration.
 """
@@ -75,6 +76,27 @@ def write_data(name: str, folder: Path, n_train: int, n_test: int) -> tuple[Path
     return train, test
 
 
+def of_types(path: Path, types: list[str]) -> Path:
+    """The samples of `path` whose last question (the one scored) is of one of `types` (its first two words,
+    lower case: `vlmkit.eval.run.question_type`), written once beside it as `<stem>-<types>.jsonl`: one
+    question type trained alone tells how many steps that type needs when every step holds it."""
+    from vlmkit.data.schema import load_samples, split_reference
+    from vlmkit.eval.run import question_type
+    from vlmkit.io import atomic_write_text
+
+    wanted = {t.lower() for t in types}
+    out = path.with_name(f"{path.stem}-{'+'.join(sorted(wanted)).replace(' ', '_')}.jsonl")
+    if not out.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]  # bench/datasets.py: one sample a line
+        kinds = [question_type(split_reference(sample)[0]) for sample in load_samples(path)]
+        kept = [line for line, kind in zip(lines, kinds, strict=True) if kind in wanted]
+        if not kept:
+            found = sorted(set(kinds))
+            raise SystemExit(f"--types {' '.join(types)}: no sample of {path} asks those; its types: {', '.join(found)}")
+        atomic_write_text(out, "".join(line + "\n" for line in kept))
+    return out
+
+
 def fit_sample(train: Path, n: int) -> Path:
     """`n` training samples drawn at random, in file order (`fit<n>.jsonl` beside the training split, written
     once; not every k-th line, which would see only some types of a file that cycles through them): scored
@@ -82,7 +104,7 @@ def fit_sample(train: Path, n: int) -> Path:
     (training score far above the held-out one)."""
     from vlmkit.io import atomic_write_text
 
-    path = train.with_name(f"fit{n}.jsonl")
+    path = train.with_name(f"{train.stem.replace('train', f'fit{n}', 1)}.jsonl")  # fit250.jsonl, fit250-is_there.jsonl
     if not path.is_file():
         lines = train.read_text().splitlines()
         chosen = sorted(random.Random(TRAIN_SEED).sample(range(len(lines)), min(n, len(lines))))
@@ -208,6 +230,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--fit-samples", type=int, default=FIT_SAMPLES,
                         help=f"training samples scored after training, to tell underfitting from overfitting "
                              f"(default {FIT_SAMPLES}; 0: none)")
+    parser.add_argument("--types", nargs="+", default=None, metavar="TYPE",
+                        help="train and score only the samples whose last question is of these types (its first two "
+                             "words, as the tables' by-type columns name them, e.g. \"is there\"): how many steps one "
+                             "type needs when every step holds it")
     args = parser.parse_args(argv)
 
     import torch
@@ -223,6 +249,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         n_train, n_test = args.n_train or n_train, args.n_test or n_test
         sized = name if (n_train, n_test) == DATASETS[name][1:] else f"{name}-{n_train}x{n_test}"
         train_file, test_file = write_data(name, out / "data" / sized, n_train, n_test)
+        if args.types:
+            train_file, test_file = of_types(train_file, args.types), of_types(test_file, args.types)
+            sized = f"{sized}-{train_file.stem.split('-', 1)[1]}"
         priors[name] = text_only_prior(train_file, test_file)
         fit_file = fit_sample(train_file, min(args.fit_samples, n_train)) if args.fit_samples > 0 else None
         tokens = CAPTION_TOKENS if name in CAPTIONED else SHORT_TOKENS

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -46,3 +48,20 @@ def test_named_baselines_are_training_keys():
     for keys in generality.BASELINES.values():  # a misspelt or removed key fails here, not after hours of runs
         load_config(None, keys, data="d.jsonl")
     assert load_config(None, generality.FIRST, data="d.jsonl").vision_feature_layer == -1
+
+
+def test_types_keep_the_samples_of_those_question_types_only(tmp_path):
+    from bench.datasets import make_scenes3
+    from vlmkit.data.schema import load_samples, split_reference
+    from vlmkit.eval.run import question_type
+
+    train = make_scenes3(tmp_path, "train", 40, 0)
+    kept = generality.of_types(train, ["Is there", "which column"])
+    assert kept.name == "train-is_there+which_column.jsonl"
+    types = [question_type(split_reference(s)[0]) for s in load_samples(train)]
+    lines = train.read_text().splitlines()
+    assert kept.read_text().splitlines() == [line for line, t in zip(lines, types) if t in ("is there", "which column")]
+    assert 0 < len(kept.read_text().splitlines()) < len(lines)
+    assert generality.fit_sample(kept, 3).name == "fit3-is_there+which_column.jsonl"
+    with pytest.raises(SystemExit, match="how much.*its types: .*is there"):  # names the types the data has
+        generality.of_types(train, ["how much"])
