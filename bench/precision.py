@@ -44,22 +44,28 @@ def cpu_flags() -> str:
     return ", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or "no bf16 units"
 
 
-def speed(steps: int, rounds: int) -> None:
+def alternated(steps: int, rounds: int, configs: dict[str, list[str]]):
+    """Each configuration (the default recipe plus its keys) trained `steps` steps on the quickstart's data in
+    turn, `rounds` times, in this process: yields (round, name, config, summary) after each run."""
     from vlmkit.config import load_config
     from vlmkit.quickstart import make_data
     from vlmkit.train.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         train_file, _ = make_data(Path(tmp) / "data", train_images=max(200, 4 * steps), test_images=8)
-        times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
         for r in range(rounds):
-            for precision in PRECISIONS:
-                keys = [f"precision={precision}", f"max_steps={steps}", "save_every=0"]  # the default recipe
-                cfg = load_config(None, keys, data=str(train_file), output=f"{tmp}/run-{precision}-{r}")
-                summary = train(cfg)
-                batch = summary["recipe"].get("batch_size", {}).get("value", cfg.batch_size)
-                times[precision].append(summary["train_seconds"] / steps)
-                print(f"round {r + 1}: {precision} {times[precision][-1]:.3f} s/step", flush=True)
+            for name, keys in configs.items():
+                cfg = load_config(None, [*keys, f"max_steps={steps}", "save_every=0"], data=str(train_file),
+                                  output=f"{tmp}/run-{name}-{r}")
+                yield r, name, cfg, train(cfg)
+
+
+def speed(steps: int, rounds: int) -> None:
+    times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    for r, precision, cfg, summary in alternated(steps, rounds, {p: [f"precision={p}"] for p in PRECISIONS}):
+        batch = summary["recipe"].get("batch_size", {}).get("value", cfg.batch_size)
+        times[precision].append(summary["train_seconds"] / steps)
+        print(f"round {r + 1}: {precision} {times[precision][-1]:.3f} s/step", flush=True)
     print("\n| precision | s/step per round | median |\n|---|---|---|")
     for precision, values in times.items():
         print(f"| {precision} | {' / '.join(f'{v:.3f}' for v in values)} | {statistics.median(values):.3f} |")
@@ -72,8 +78,6 @@ COMPILE_WARM = 5  # the compiled run's first steps: its graphs compile for the f
 
 
 def compile_speed(steps: int, rounds: int) -> None:
-    from vlmkit.config import load_config
-    from vlmkit.quickstart import make_data
     from vlmkit.train import loop
 
     marks: list[float] = []
@@ -86,18 +90,14 @@ def compile_speed(steps: int, rounds: int) -> None:
     loop.clock = clock
     steady: dict[bool, list[float]] = {False: [], True: []}
     first: dict[bool, list[float]] = {False: [], True: []}
-    with tempfile.TemporaryDirectory() as tmp:
-        train_file, _ = make_data(Path(tmp) / "data", train_images=max(200, 4 * steps), test_images=8)
-        for r in range(rounds):
-            for compiled in (False, True):
-                marks.clear()
-                keys = [f"compile={str(compiled).lower()}", f"max_steps={steps}", "save_every=0"]  # the default recipe
-                summary = loop.train(load_config(None, keys, data=str(train_file), output=f"{tmp}/run-{compiled}-{r}"))
-                seconds = [b - a for a, b in zip(marks, marks[1:])]
-                steady[compiled].append(statistics.median(seconds[COMPILE_WARM:]))
-                first[compiled].append(sum(seconds[:COMPILE_WARM]) - COMPILE_WARM * steady[compiled][-1])
-                print(f"round {r + 1}: compile={compiled} {steady[compiled][-1]:.3f} s/step, first {COMPILE_WARM} steps "
-                      f"+{first[compiled][-1]:.1f} s ({summary['precision']})", flush=True)
+    configs = {compiled: [f"compile={str(compiled).lower()}"] for compiled in (False, True)}
+    for r, compiled, _, summary in alternated(steps, rounds, configs):
+        seconds = [b - a for a, b in zip(marks, marks[1:])]
+        marks.clear()
+        steady[compiled].append(statistics.median(seconds[COMPILE_WARM:]))
+        first[compiled].append(sum(seconds[:COMPILE_WARM]) - COMPILE_WARM * steady[compiled][-1])
+        print(f"round {r + 1}: compile={compiled} {steady[compiled][-1]:.3f} s/step, first {COMPILE_WARM} steps "
+              f"+{first[compiled][-1]:.1f} s ({summary['precision']})", flush=True)
     print(f"\n| compile | s/step per round (median of steps {COMPILE_WARM + 1}-{steps}) | median | first {COMPILE_WARM} "
           "steps' extra seconds per round |\n|---|---|---|---|")
     for compiled in (False, True):

@@ -12,7 +12,8 @@ one block's forward and backward for each of the first two batch widths, then on
 on 2 CPU cores from an empty TorchInductor cache, less when its on-disk cache holds the kernels. The
 compiled forward is set on each block until `restore()`, which puts the plain one back, so the model that
 is merged and saved is the one built. Not a default: on a 2-core CPU its steps were 1.0-1.25x faster, and
-two whole runs with it scored lower than plain ones (docs/precision.md).
+two whole runs with it scored lower than plain ones, within the spread between runs (its gradients are as
+near the fp32 ones as the plain bf16-frozen gradients are: docs/precision.md).
 """
 
 from __future__ import annotations
