@@ -8,6 +8,7 @@ it, the tower's features are the limit.
 
     python bench/linear_probe.py RUN/model DATA   # DATA holds train.jsonl and test.jsonl
     python bench/linear_probe.py RUN/model DATA --layers -2 -3 -6   # the built-in CNN's other layers too
+    python bench/linear_probe.py RUN/model DATA --layers -2 -3 --together  # and those layers side by side
     python bench/linear_probe.py RUN/model DATA --train-last-block  # and with the CNN's last block trained
 
 scikit-learn is needed (it comes with the test requirements' mlxtend). The figures are in
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[],
                         help="a built-in EfficientNet-Lite0 tower only: the pooled tokens of these feature layers too "
                              "(`vision_feature_layer`, -1 to -6), read with the model's tower weights")
+    parser.add_argument("--together", action="store_true",
+                        help="also fit the --layers' pooled tokens side by side (what a projector reading them all would see)")
     parser.add_argument("--train-last-block", action="store_true",
                         help="a built-in EfficientNet-Lite0 tower only: also train its last block (batch norm frozen) "
                              "under a linear head on the pooled tokens, against the same head over the block kept frozen")
@@ -101,6 +104,12 @@ def main() -> None:
     for layer in args.layers:
         train_grid, test_grid, channels = layer_grids(layer)
         views[f"the {side}x{side} pooled tokens of layer {layer} ({channels} channels)"] = (pooled, train_grid, test_grid)
+    if args.together and len(args.layers) > 1:
+        def side_by_side(split: int) -> torch.Tensor:
+            return torch.cat([pool_grid(layer_grids(layer)[split], side).flatten(1) for layer in args.layers], 1)
+
+        names = " and ".join(str(layer) for layer in args.layers)
+        views[f"the {side}x{side} pooled tokens of layers {names} side by side"] = (lambda t: t, side_by_side(0), side_by_side(1))
     print(f"{len(y_train)} training and {len(y_test)} held-out samples; tower grid {tuple(full_train.shape[1:])}")
     print("| features | C | held-out | training |\n|---|---|---|---|")
     for name, (view, train_grid, test_grid) in views.items():
