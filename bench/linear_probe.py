@@ -52,6 +52,8 @@ def main() -> None:
                         help="a built-in EfficientNet-Lite0 tower only: also train its last block (batch norm frozen) "
                              "under a linear head on the pooled tokens, against the same head over the block kept frozen")
     args = parser.parse_args()
+    if args.together and len(args.layers) < 2:
+        parser.error("--together fits the --layers side by side: name two or more (--layers -2 -3 --together)")
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError:
@@ -104,9 +106,9 @@ def main() -> None:
     for layer in args.layers:
         train_grid, test_grid, channels = layer_grids(layer)
         views[f"the {side}x{side} pooled tokens of layer {layer} ({channels} channels)"] = (pooled, train_grid, test_grid)
-    if args.together and len(args.layers) > 1:
+    if args.together:
         def side_by_side(split: int) -> torch.Tensor:
-            return torch.cat([pool_grid(layer_grids(layer)[split], side).flatten(1) for layer in args.layers], 1)
+            return torch.cat([pooled(layer_grids(layer)[split]) for layer in args.layers], 1)
 
         names = " and ".join(str(layer) for layer in args.layers)
         views[f"the {side}x{side} pooled tokens of layers {names} side by side"] = (lambda t: t, side_by_side(0), side_by_side(1))
