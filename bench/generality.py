@@ -57,7 +57,10 @@ THREE = ["epochs=3"]
 # `--baseline replies`: the recipe of 2026-12-02 before the questions' words were trained too (replies only, three
 # epochs)
 REPLIES = ["train_on_prompt=false", *THREE]
-BASELINES = {"previous": PREVIOUS, "first": FIRST, "replies": REPLIES, "three": THREE}
+# `--baseline lastblock`: the recipe of 2026-12-02 to 2026-12-07, reading the built-in CNN's last block (320
+# channels) instead of the block before it
+LASTBLOCK = ["vision_feature_layer=-2"]
+BASELINES = {"previous": PREVIOUS, "first": FIRST, "replies": REPLIES, "three": THREE, "lastblock": LASTBLOCK}
 TRAIN_SEED, TEST_SEED = 0, 1  # the data seeds: the datasets are fixed, only training seeds vary
 SHORT_TOKENS, CAPTION_TOKENS = 12, 64  # max_new_tokens when generating the held-out replies
 FIT_SAMPLES = 250  # training samples scored after training: how well the run fitted what it saw
@@ -223,7 +226,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="also run a second configuration: the defaults plus these keys; `previous`: the "
                              "library's defaults before the default recipe; `first`: the first default recipe; "
                              "`replies`: the recipe training the replies only (train_on_prompt=false), at three epochs; "
-                             "`three`: the recipe at three epochs, its cap before six")
+                             "`three`: the recipe at three epochs, its cap before six; `lastblock`: the recipe "
+                             "reading the built-in CNN's last block (-2), its layer before -3")
     parser.add_argument("--set", nargs="+", default=[], metavar="key=value", help="keys for every configuration")
     parser.add_argument("--n-train", type=int, default=None, help="training samples per dataset (default: its own)")
     parser.add_argument("--n-test", type=int, default=None, help="held-out samples per dataset (default: its own)")

@@ -24,11 +24,11 @@ def test_learning_rate_follows_what_trains():
     assert choose_lr(adapters=False).value == 1e-4
 
 
-def test_the_builtin_cnn_is_read_before_its_head_and_other_towers_keep_theirs():
-    assert choose_feature_layer("efficientnet-lite0").value == -2
+def test_the_builtin_cnn_is_read_below_its_last_block_and_other_towers_keep_theirs():
+    assert choose_feature_layer("efficientnet-lite0").value == -3
     assert choose_feature_layer("timm:resnet18") is None  # its only features
     assert choose_feature_layer("openai/clip-vit-base-patch32") is None  # a transformers tower's own -2
-    assert choose_layout("efficientnet-lite0", None, None, None, None)[0].value == -2
+    assert choose_layout("efficientnet-lite0", None, None, None, None)[0].value == -3
     assert "vision_feature_layer" not in {c.key for c in choose_layout("efficientnet-lite0", None, None, None, None, -1)}
 
 
@@ -105,7 +105,7 @@ def test_resolve_fills_the_auto_keys_and_keeps_the_users():
     cfg, choices = resolve(TrainConfig(data="d.jsonl"), "cpu")
     assert (cfg.method, cfg.lr, cfg.batch_size, cfg.image_size, cfg.image_tokens) == ("lora", 1e-3, 4, 192, 9)
     assert (cfg.lora_r, cfg.lora_targets, cfg.projector_init, cfg.column_words, cfg.position_words) == (16, "attention", "text", True, True)
-    assert cfg.image_positions is True and cfg.vision_feature_layer == -2
+    assert cfg.image_positions is True and cfg.vision_feature_layer == -3
     assert cfg.train_on_prompt is True
     assert {c.key for c in choices} == {"method", "lr", "lora_targets", "batch_size", "image_size", "image_tokens",
                                         "image_positions", "column_words", "position_words", "projector_init",

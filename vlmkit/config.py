@@ -42,7 +42,7 @@ class TrainConfig:
     projector_init: str = "auto"  # auto | random | text: image tokens start at the words the replies say about them
     train_on_prompt: bool | None = None  # the user turns' words are trained too, not only the replies; None: for a new composition
     image_size: int | None = None  # input resolution of the tower; None: chosen with image_tokens, else the tower's own
-    vision_feature_layer: int | None = None  # the tower's layer read (-1 last, -2 the one before); None: -2 (recipe for the built-in CNN: its last block)
+    vision_feature_layer: int | None = None  # the tower's layer read (-1 last, -2 the one before); None: -2, or -3 for the built-in CNN (recipe: its block before its last)
     stage: str = "sft"  # align: projector only; sft: projector + LM (full or LoRA); contrastive: projector vs the LM's words
     train_vision: bool = False
     method: str = "auto"  # auto | full | lora | qlora (4-bit base + LoRA) | dpo (preference data; LoRA if lora_r > 0)

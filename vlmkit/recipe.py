@@ -176,12 +176,14 @@ def choose_group_by_length(lengths: list[int], batch_size: int) -> Choice:
 
 
 def choose_feature_layer(vision: str) -> Choice | None:
-    """The built-in CNN's last block rather than its head; other towers keep their own default (a
-    transformers tower's -2, the only features of a timm tower or a contrastive run's)."""
+    """The built-in CNN's block before its last (the map its last block reads), rather than its head or its
+    last block; other towers keep their own default (a transformers tower's -2, the only features of a timm
+    tower or a contrastive run's)."""
     if vision not in BUILTIN_VISION:
         return None
-    return Choice("vision_feature_layer", -2, "the CNN's last block (320 channels) before its 1x1 head, as LLaVA reads "
-                  "its ViT's second-to-last layer: far better at telling which colour belongs to which shape")
+    return Choice("vision_feature_layer", -3, "the CNN's block before its last (192 channels, the map its last block "
+                  "reads), as LLaVA reads a ViT below its top: new data's colours, shapes and captions are learned in "
+                  "fewer steps than from the last block")
 
 
 def choose_layout(

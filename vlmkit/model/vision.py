@@ -166,7 +166,7 @@ def load_vision(name: str, image_size: int | None = None, feature_layer: int | N
     """Resolve a user's vision name: returns (spec, tower with pretrained weights, image processor).
     `feature_layer`: which layer's features (None: the tower's default, -1 for the built-in CNN's head,
     -2 for a transformers tower, as LLaVA reads CLIP's second-to-last layer; a new VLM's composition asks
-    the built-in CNN for -2, its last block: `vlmkit.recipe.choose_feature_layer`)."""
+    the built-in CNN for -3, its block before its last: `vlmkit.recipe.choose_feature_layer`)."""
     if name in BUILTIN_VISION:
         from vlmkit.model.efficientnet_lite import IMAGE_MEAN, IMAGE_STD, load_efficientnet_lite0
 
