@@ -1,16 +1,14 @@
-"""Would int8 products with the frozen weights speed up training on a CPU without bf16 units?
+"""int8 products with the frozen weights (`precision=int8-frozen`, vlmkit.model.frozen_int8) against fp32.
 
-`bf16-frozen` (vlmkit.model.frozen_bf16) needs bf16 units; an AVX2-only CPU trains in fp32. fbgemm's
-dynamic int8 linear (int8 weights, the input quantized at each call) runs on AVX2. This measures, on a
-trained run's model and its own training samples:
+`bf16-frozen` needs bf16 units; a CPU without them (AVX2 only) trains in fp32 unless it multiplies the frozen
+weights in int8. This measures, on a trained run's model and its own training samples:
 
-1. the product shapes of a step (124 rows: 4 samples of about 31 tokens) in fp32 and in fbgemm int8;
-2. the loss and the projector's gradient with every frozen linear layer of the LM (not its head) in int8,
-   forward and input gradients alike, against fp32: the input quantized as fbgemm does it (one scale for
-   the whole matrix) and with each row first scaled to its largest value (one scale a token).
+1. the product shapes of a step (124 rows: 4 samples of about 31 tokens) in fp32 and in int8;
+2. the loss and the projector's gradient with `FrozenInt8` on the model (every frozen linear layer of the
+   LM in int8, forward and input gradients alike, not its head) against fp32, and the time of a forward
+   and backward; also with fbgemm's input rounding as it is (one scale for the whole input matrix).
 
     python bench/int8_products.py RUN            # RUN: a `vlmkit quickstart` or `vlmkit train` output folder
-    python bench/int8_products.py RUN --skip down_proj   # keep the MLPs' down-projections in fp32
 
 The figures are in docs/precision.md ("int8 products with the frozen weights").
 """
@@ -20,13 +18,15 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import types
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+from vlmkit.model import frozen_int8  # noqa: E402
+from vlmkit.model.frozen_int8 import pack, product  # noqa: E402
 
 
 def seconds(fn, repeat: int = 30) -> float:
@@ -38,44 +38,21 @@ def seconds(fn, repeat: int = 30) -> float:
     return (time.perf_counter() - start) / repeat
 
 
-def quantized(weight: torch.Tensor):
-    """fbgemm's packed int8 weight, one symmetric scale per output row."""
-    scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-8).double()
-    q = torch.quantize_per_channel(weight.contiguous(), scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
-    return torch.ops.quantized.linear_prepack(q, None)
-
-
-def int8_product(x: torch.Tensor, packed, per_row: bool) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1])
-    if per_row:  # each row at the full int8 range: one scale a token instead of one for the whole matrix
-        scale = flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-        out = torch.ops.quantized.linear_dynamic((flat / scale).contiguous(), packed, True) * scale
-    else:
-        out = torch.ops.quantized.linear_dynamic(flat.contiguous(), packed, True)
-    return out.reshape(*x.shape[:-1], -1)
-
-
-class Int8Linear(torch.autograd.Function):
-    """y = x W^T and dL/dx = dL/dy W, both as int8 products (a frozen weight needs no gradient of its own)."""
-
-    @staticmethod
-    def forward(ctx, x, packed, packed_t, per_row):
-        ctx.packed_t, ctx.per_row = packed_t, per_row
-        return int8_product(x, packed, per_row)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return int8_product(grad, ctx.packed_t, ctx.per_row), None, None, None
+def per_matrix_product(x: torch.Tensor, packed) -> torch.Tensor:
+    """fbgemm's dynamic linear as it is: the input rounded at one scale for the whole matrix (what
+    `frozen_int8.product` avoids by scaling each row first)."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    return torch.ops.quantized.linear_dynamic(flat, packed, True).reshape(*x.shape[:-1], -1)
 
 
 def shapes_table(rows: int = 124) -> None:
-    print("| product | fp32 ms (GFLOPS) | fbgemm int8 ms (GFLOPS) |\n|---|---|---|")
+    print("| product | fp32 ms (GFLOPS) | int8 ms (GFLOPS) |\n|---|---|---|")
     for k, n in ((576, 1536), (1536, 576), (576, 576)):
         x, w = torch.randn(rows, k), torch.randn(n, k) * 0.02
-        packed = quantized(w)
+        packed = pack(w)
         flops = 2 * rows * k * n
         t32 = seconds(lambda: x @ w.t())
-        t8 = seconds(lambda: torch.ops.quantized.linear_dynamic(x, packed, True))
+        t8 = seconds(lambda: product(x, packed))
         print(f"| {rows} x {k} by {k} x {n} | {t32 * 1e3:.2f} ({flops / t32 / 1e9:.0f}) | {t8 * 1e3:.2f} ({flops / t8 / 1e9:.0f}) |")
 
 
@@ -83,7 +60,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="a run folder: its model/ and data/train.jsonl are read")
     parser.add_argument("--batches", type=int, default=16, help="batches of 4 training samples compared")
-    parser.add_argument("--skip", nargs="*", default=[], help="layer names kept in fp32 (e.g. down_proj)")
     args = parser.parse_args()
 
     from vlmkit.build import load_model
@@ -104,19 +80,6 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(id(p) in projector)
 
-    head = model.get_output_embeddings()
-    layers = [m for name, m in model.language_model.named_modules()
-              if type(m) is nn.Linear and m is not head and name.rsplit(".", 1)[-1] not in args.skip]
-    packs = {id(m): (quantized(m.weight.detach()), quantized(m.weight.detach().t())) for m in layers}
-
-    def use(mode: str) -> None:
-        for m in layers:
-            vars(m).pop("forward", None)
-            if mode != "fp32":
-                def forward(self, x, per_row=mode == "per-row"):
-                    return Int8Linear.apply(x, *packs[id(self)], per_row)
-                m.forward = types.MethodType(forward, m)
-
     def measure() -> tuple[list[float], list[torch.Tensor], float]:
         losses, grads, spent = [], [], 0.0
         for batch in batches:
@@ -129,23 +92,25 @@ def main() -> None:
             grads.append(torch.cat([p.grad.flatten() for p in model.projector.parameters() if p.grad is not None]))
         return losses, grads, spent / len(batches)
 
-    use("fp32")
     measure()  # warm-up: the image features are cached, the kernels chosen
     base_loss, base_grad, base_s = measure()
-    print(f"\n{len(layers)} LM linear layers in int8 (kept in fp32: the head{', ' + ', '.join(args.skip) if args.skip else ''}); "
-          f"{len(batches)} batches of 4 training samples\n")
-    print("| products | mean loss | largest loss difference | projector gradient cosine, min / mean | s a forward and backward |")
+    print("\n| products | mean loss | largest loss difference | projector gradient cosine, min / mean | s a forward and backward |")
     print("|---|---|---|---|---|")
     print(f"| fp32 | {sum(base_loss) / len(base_loss):.4f} | | | {base_s:.3f} |")
-    for mode in ("per-tensor", "per-row"):
-        use(mode)
+    for name, fn in (("int8, one scale a token (`int8-frozen`)", frozen_int8.product),
+                     ("int8, one scale for the whole input matrix", per_matrix_product)):
+        frozen_int8.product, kept = fn, frozen_int8.product  # what the frozen layers call
+        frozen = frozen_int8.FrozenInt8(model)
         losses, grads, spent = measure()
+        frozen.restore()
+        frozen_int8.product = kept
         cos = [nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in zip(base_grad, grads)]
         worst = max(abs(a - b) for a, b in zip(base_loss, losses))
-        print(f"| int8, input scaled {mode} | {sum(losses) / len(losses):.4f} | {worst:.4f} | "
+        print(f"| {name} | {sum(losses) / len(losses):.4f} | {worst:.4f} | "
               f"{min(cos):.3f} / {sum(cos) / len(cos):.3f} | {spent:.3f} |")
-    use("fp32")
     print(f"| fp32 again | | | | {measure()[2]:.3f} |")
+    print("\n(every frozen linear layer of the model but the head in int8; "
+          f"{len(batches)} batches of 4 training samples)")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Training precision on CPU: step time and held-out accuracy of the quickstart in fp32, bf16 (autocast) and
-bf16-frozen (the frozen weights' products in bf16).
+"""Training precision on CPU: step time and held-out accuracy of the quickstart in fp32, bf16 (autocast),
+bf16-frozen and int8-frozen (the frozen weights' products in bf16 or int8; int8 on x86 builds of torch).
 
 Two measurements, both on the quickstart's data and recipe (`vlmkit/quickstart.py`):
 
 - `--speed`: the training step time in each precision, measured in one process and alternated
-  (fp32, bf16, bf16-frozen, fp32, ...) so the machine's drift hits all alike; prints the seconds per step
+  (fp32, bf16, bf16-frozen, int8-frozen, fp32, ...) so the machine's drift hits all alike; prints the seconds per step
   of each round and the ratios of the medians. On a CPU without bf16 units bf16 is emulated (slow).
 - `--accuracy`: the whole quickstart (same steps) for each precision and seed; prints a table and the
   minimum and mean held-out exact match per precision.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PRECISIONS = ("fp32", "bf16", "bf16-frozen")
+PRECISIONS = ("fp32", "bf16", "bf16-frozen", "int8-frozen")
 
 
 def cpu_flags() -> str:

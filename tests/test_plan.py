@@ -14,7 +14,9 @@ import torch
 
 from vlmkit.errors import VlmkitError
 from vlmkit.build import compose
+from vlmkit.device import cpu_int8_products
 from vlmkit.model.frozen_bf16 import FrozenBf16
+from vlmkit.model.frozen_int8 import FrozenInt8
 from vlmkit.model.lora import add_lora, lm_target_modules
 from vlmkit.train.plan import estimate
 
@@ -62,8 +64,10 @@ def test_lora_count_equals_what_peft_creates(tiny, r):
     assert plan(tiny, "qlora", lora_r=r).trainable_params == lora.trainable_params
 
 
+@pytest.mark.parametrize("kind", ["bf16", pytest.param("int8", marks=pytest.mark.skipif(
+    not cpu_int8_products(), reason="int8-frozen uses fbgemm's int8 kernels (x86 torch builds)"))])
 @pytest.mark.parametrize("method", ["lora", "align", "full"])
-def test_the_bf16_copies_row_is_what_the_run_copies(tiny, method):
+def test_the_frozen_copies_row_is_what_the_run_copies(tiny, method, kind):
     model = copy.deepcopy(tiny)
     model.requires_grad_(False)  # as training sets it up: the tower frozen, the projector (and the LM in full) trained
     model.projector.requires_grad_(True)
@@ -71,9 +75,10 @@ def test_the_bf16_copies_row_is_what_the_run_copies(tiny, method):
         add_lora(model, SimpleNamespace(lora_r=8, lora_alpha=16, lora_dropout=0.0))
     if method == "full":
         model.language_model.requires_grad_(True)
-    frozen = FrozenBf16(model)
+    frozen = FrozenBf16(model) if kind == "bf16" else FrozenInt8(model)
     try:
-        assert frozen.copies and plan(tiny, method, frozen_bf16=True).memory["bf16 copies"] == frozen.bytes
+        memory = plan(tiny, method, **{f"frozen_{kind}": True}).memory
+        assert frozen.bytes > 0 and memory["bf16 copies" if kind == "bf16" else "int8 packs"] == frozen.bytes
     finally:
         frozen.restore()
 

@@ -1,5 +1,6 @@
 """Training precision: what `precision=auto` picks with and without CPU bf16 units (forced either way with
-VLMKIT_CPU_BF16, so both paths run on any machine), and the bf16 path's exact equalities on tiny models.
+VLMKIT_CPU_BF16, so both paths run on any machine), the bf16 path's exact equalities on tiny models, and
+`int8-frozen`'s products (fbgemm's int8 kernels, x86 torch builds).
 
 Emulated bf16 is slow on CPUs without bf16 units, so the bf16 runs here are a few steps of tiny models.
 """
@@ -12,14 +13,17 @@ import pytest
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.device import cpu_has_bf16, training_precision
+from vlmkit.device import cpu_has_bf16, cpu_int8_products, training_precision
 from vlmkit.errors import VlmkitError
 from vlmkit.build import load_model
 from vlmkit.train.loop import train
 
+needs_int8 = pytest.mark.skipif(not cpu_int8_products(), reason="int8-frozen uses fbgemm's int8 kernels (x86 torch builds)")
 
-@pytest.mark.parametrize("units, expected", [("0", "fp32"), ("1", "bf16-frozen"), ("amx", "bf16-frozen")])
-def test_auto_picks_fp32_or_frozen_bf16_products_by_the_cpus_units(parts, shapes, tmp_path, monkeypatch, capfd, units, expected):
+
+@pytest.mark.parametrize("units, expected", [("0", "int8-frozen" if cpu_int8_products() else "fp32"), ("1", "bf16-frozen"),
+                                             ("amx", "bf16-frozen")])
+def test_auto_picks_frozen_int8_or_bf16_products_by_the_cpus_units(parts, shapes, tmp_path, monkeypatch, capfd, units, expected):
     monkeypatch.setenv("VLMKIT_CPU_BF16", units)
     assert cpu_has_bf16() == (units != "0")
     train_file, _ = shapes
@@ -27,13 +31,13 @@ def test_auto_picks_fp32_or_frozen_bf16_products_by_the_cpus_units(parts, shapes
                       data=str(train_file), output=str(tmp_path / "run"))
     summary = train(cfg)
     assert summary["precision"] == expected
-    assert ("docs/precision.md" in summary["precision_reason"]) == (units != "0")
+    assert ("docs/precision.md" in summary["precision_reason"]) == (expected != "fp32")
     assert ("no bf16 units" in summary["precision_reason"]) == (units == "0")
     assert ("this CPU has AMX" in summary["precision_reason"]) == (units == "amx")
     assert ("this CPU has AVX512-BF16" in summary["precision_reason"]) == (units == "1")
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["precision"] == expected
-    said = re.search(r"precision=bf16-frozen: bf16 copies of (\d+) frozen linear layers", capfd.readouterr().err)
-    assert (said is not None and int(said[1]) > 0) == (units != "0")
+    said = re.search(r"precision=(\S+): (bf16 copies|int8 packs) of (\d+) frozen linear layers", capfd.readouterr().err)
+    assert (said is not None and said[1] == expected and int(said[3]) > 0) == (expected != "fp32")
 
 
 def test_precision_resolution(monkeypatch):
@@ -44,6 +48,10 @@ def test_precision_resolution(monkeypatch):
     assert training_precision("auto", cuda).bf16  # GPUs with bf16: autocast, as is standard
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert not training_precision("auto", cuda).bf16
+    monkeypatch.setenv("VLMKIT_CPU_BF16", "0")
+    assert training_precision("auto", cpu, compile=True).name == "fp32"  # int8-frozen's products are not compiled
+    monkeypatch.setattr("vlmkit.device.cpu_int8_products", lambda: False)
+    assert training_precision("auto", cpu).name == "fp32" and "nor int8 kernels" in training_precision("auto", cpu).reason
     monkeypatch.setenv("VLMKIT_CPU_BF16", "yes")
     with pytest.raises(VlmkitError, match="VLMKIT_CPU_BF16='yes': set it to amx"):
         training_precision("auto", cpu)
@@ -170,3 +178,98 @@ def test_bf16_frozen_saves_the_fp32_weights(parts, shapes, tmp_path):
     saved = {k: v for k, v in a.state_dict().items() if k.endswith("layers.0.mlp.gate_proj.weight")}
     assert len(saved) == 1  # a frozen weight is saved as it was, not rounded to bf16
     assert torch.equal(next(iter(saved.values())), original["model.layers.0.mlp.gate_proj.weight"])
+
+
+@needs_int8
+def test_int8_product_keeps_each_rows_scale_and_its_transpose():
+    """`precision=int8-frozen`'s product: each row of the input at its own scale, so a token far larger than
+    the rest does not flatten them, and a row of zeros stays zeros; the transpose's pack gives the input
+    gradient's product."""
+    from vlmkit.model.frozen_int8 import pack, product
+
+    torch.manual_seed(0)
+    weight = torch.randn(96, 64) * 0.05
+    x = torch.randn(3, 12, 64)
+    x[0, 0] *= 50
+    x[1, 3] = 0
+    got, exact = product(x, pack(weight)), x @ weight.t()
+    assert got.shape == exact.shape and got.dtype == torch.float32
+    rows = (got - exact).flatten(0, 1).norm(dim=1) / exact.flatten(0, 1).norm(dim=1).clamp_min(1e-12)
+    assert rows.max() < 0.03 and int((rows > 0).sum()) == rows.numel() - 1  # int8's rounding in every row but the zeros
+    assert torch.equal(got[1, 3], torch.zeros(96))
+    grad = torch.randn(5, 96)
+    assert torch.linalg.vector_norm(product(grad, pack(weight.t())) - grad @ weight) < 0.05 * torch.linalg.vector_norm(grad @ weight)
+
+
+@needs_int8
+def test_frozen_int8_products_stay_close_to_fp32_and_leave_the_model_as_it_was(parts):
+    """precision=int8-frozen: the frozen linear layers but the head multiply in int8, forward and input
+    gradients; the loss and the adapters' gradients stay near fp32's, the state dict is untouched, and
+    after `restore` the model computes exactly what it did before."""
+    from vlmkit.model.frozen_int8 import FrozenInt8
+
+    lm, adapters = _lora_llama(parts["llama"])
+    ids = torch.randint(0, lm.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(1))
+    keys = list(lm.state_dict())
+    loss, grads = _loss_and_grads(lm, adapters, ids)
+
+    frozen = FrozenInt8(lm)
+    frozen_names = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if m in frozen.layers}
+    assert frozen_names == {"base_layer", "gate_proj", "up_proj", "down_proj"}  # not the head, no adapter
+    assert frozen.bytes == sum(m.weight.numel() * 2 for m in frozen.layers)
+    low, low_grads = _loss_and_grads(lm, adapters, ids)
+    assert list(lm.state_dict()) == keys
+    assert low != loss and low == pytest.approx(loss, rel=2e-2)
+    for g, h in zip(grads, low_grads):
+        assert torch.linalg.vector_norm(g - h) <= 0.15 * torch.linalg.vector_norm(g)
+        assert torch.nn.functional.cosine_similarity(g.flatten(), h.flatten(), dim=0) > 0.98
+
+    frozen.restore()
+    frozen.restore()
+    assert frozen.bytes == 0 and all("int8_packs" not in vars(m) for m in lm.modules())
+    again, again_grads = _loss_and_grads(lm, adapters, ids)
+    assert again == loss and all(torch.equal(g, h) for g, h in zip(grads, again_grads))
+
+
+@needs_int8
+def test_frozen_int8_layers_sharing_a_weight_share_its_packs():
+    from vlmkit.model.frozen_int8 import FrozenInt8
+
+    a, b, trained = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16, bias=False), torch.nn.Linear(8, 8)
+    b.weight = a.weight
+    a.requires_grad_(False)
+    model = torch.nn.Sequential(a, b, trained)
+    model.get_output_embeddings = lambda: None
+    frozen = FrozenInt8(model)
+    assert frozen.layers == [a, b] and frozen.bytes == 8 * 16 * 2 and a.int8_packs is b.int8_packs
+    x = torch.randn(4, 8)
+    assert torch.allclose(a(x), torch.nn.functional.linear(x, a.weight, a.bias), atol=0.05)  # the bias is added
+
+
+@needs_int8
+def test_int8_frozen_resumes_exactly_and_saves_the_fp32_weights(parts, shapes, tmp_path, capfd):
+    from transformers import AutoModelForCausalLM
+
+    whole = train(_cfg(parts, shapes, tmp_path / "whole", "lora", "int8-frozen"))
+    assert whole["precision"] == "int8-frozen"
+    said = re.search(r"precision=int8-frozen: int8 packs of (\d+) frozen linear layers", capfd.readouterr().err)
+    assert said is not None and int(said[1]) > 0
+    cut = _cfg(parts, shapes, tmp_path / "cut", "lora", "int8-frozen")
+    assert train(cut, stop_after=2) == {"stopped_at": 2}
+    a, _ = load_model(whole["model"])
+    b, _ = load_model(train(cut, resume=True)["model"])
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    original = AutoModelForCausalLM.from_pretrained(parts["llama"], dtype=torch.float32).state_dict()
+    saved = {k: v for k, v in a.state_dict().items() if k.endswith("layers.0.mlp.gate_proj.weight")}
+    assert len(saved) == 1 and torch.equal(next(iter(saved.values())), original["model.layers.0.mlp.gate_proj.weight"])
+
+
+@needs_int8
+def test_int8_frozen_refuses_a_gpu_and_compile(parts, shapes, tmp_path):
+    with pytest.raises(VlmkitError, match="precision=int8-frozen: it runs on the CPU, not cuda"):
+        training_precision("int8-frozen", torch.device("cuda"))
+    cfg = load_config(None, [f"vision={parts['clip']}", f"llm={parts['llama']}", "method=lora", "max_steps=1",
+                             "precision=int8-frozen", "compile=true"], data=str(shapes[0]), output=str(tmp_path / "run"))
+    with pytest.raises(VlmkitError, match="does not combine with compile=true: set precision=fp32"):
+        train(cfg)

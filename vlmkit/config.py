@@ -19,7 +19,7 @@ from vlmkit.io import atomic_write_text
 
 STAGES = ("align", "sft", "contrastive")
 PROJECTOR_INITS = ("auto", "random", "text")
-PRECISIONS = ("auto", "fp32", "bf16", "bf16-frozen")
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-frozen", "int8-frozen")
 METHODS = ("auto", "full", "lora", "qlora", "dpo")
 OBJECTIVES = ("lm", "contrastive")
 CONTRASTIVE_LOSSES = ("clip", "siglip")
@@ -83,7 +83,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     max_grad_norm: float = 1.0
     ema: float = 0.0  # > 0: save a moving average of the trainable weights, time constant ema x the run's steps
-    precision: str = "auto"  # auto | fp32 | bf16 (autocast) | bf16-frozen (frozen weights' products in bf16)
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast) | bf16-frozen / int8-frozen (frozen weights' products in bf16 / int8)
     compile: bool = False  # torch.compile the LM's blocks (TorchInductor; on CPU it needs a C++ compiler)
     seed: int = 0
     # bookkeeping

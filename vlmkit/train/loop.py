@@ -36,6 +36,7 @@ from vlmkit.device import Precision, training_precision
 from vlmkit.errors import VlmkitError
 from vlmkit.io import atomic_write_text
 from vlmkit.model.frozen_bf16 import FrozenBf16
+from vlmkit.model.frozen_int8 import FrozenInt8
 from vlmkit.model.vlm import VlmkitForConditionalGeneration
 from vlmkit.recipe import Choice, choose_group_by_length, choose_steps, resolve
 from vlmkit.train.average import WeightAverage
@@ -114,11 +115,11 @@ class Run:
     trainable_parameters: int = 0
     budget: dict | None = None  # max_minutes: what was timed and the steps chosen
     recipe: list[Choice] = field(default_factory=list)  # the `auto` keys decided for this run, with reasons
-    frozen: FrozenBf16 | None = None  # precision=bf16-frozen: the frozen weights' bf16 copies, until the model is saved
+    frozen: FrozenBf16 | FrozenInt8 | None = None  # bf16-frozen / int8-frozen: the frozen weights' copies, until the model is saved
     compiled: CompiledBlocks | None = None  # compile: the LM's blocks' compiled forward, until the model is saved
 
     def release(self) -> None:
-        """The model's own layers again: no bf16 copies, no compiled blocks (twice is harmless)."""
+        """The model's own layers again: no bf16 or int8 copies, no compiled blocks (twice is harmless)."""
         for held in (self.frozen, self.compiled):
             if held is not None:
                 held.restore()
@@ -210,7 +211,7 @@ def set_up(cfg: TrainConfig, out: Path, dist, model_and_processor) -> Run:
     if not examples:
         raise VlmkitError(f"{cfg.data}: no trainable samples")
     images.warm([p for e in examples + eval_examples for p in e.images], "caching image features")
-    run = Run(cfg, out, dist, device, training_precision(cfg.precision, device), model, processor, objective, groups,
+    run = Run(cfg, out, dist, device, training_precision(cfg.precision, device, cfg.compile), model, processor, objective, groups,
               examples, eval_examples, skipped + eval_skipped, dist.active and cfg.fsdp)
     if cfg.group_by_length is None:  # decided from the tokenized lengths, and saved so --resume draws the same batches
         run.recipe.append(choose_group_by_length([e.length for e in examples], cfg.batch_size * dist.world))
@@ -221,6 +222,13 @@ def set_up(cfg: TrainConfig, out: Path, dist, model_and_processor) -> Run:
     if run.precision.frozen_bf16:
         run.frozen = FrozenBf16(model)
         run.say(f"precision={run.precision.name}: bf16 copies of {len(run.frozen.layers)} frozen linear layers "
+                f"({run.frozen.bytes / 2**20:.0f} MiB), the rest in fp32")
+    elif run.precision.frozen_int8:
+        if cfg.compile or run.fsdp:
+            raise VlmkitError(f"precision=int8-frozen ({run.precision.reason}) does not combine with "
+                              f"{'compile=true' if cfg.compile else 'fsdp=true'}: set precision=fp32 for it")
+        run.frozen = FrozenInt8(model)
+        run.say(f"precision={run.precision.name}: int8 packs of {len(run.frozen.layers)} frozen linear layers "
                 f"({run.frozen.bytes / 2**20:.0f} MiB), the rest in fp32")
 
     chunks = first_epoch_chunks(examples, cfg.batch_size, dist.world, cfg.seed, cfg.group_by_length)

@@ -21,6 +21,8 @@ L = layers, a = heads, V = vocabulary):
     bf16 copies  precision=bf16-frozen: one bf16 copy of each frozen fp32 linear weight, kept for the run
                  (vlmkit.model.frozen_bf16): 2 bytes per parameter of the plain fp32 linear layers in the
                  parts that do not train (the LM under lora/align, a frozen tower), a tied head once
+    int8 packs   precision=int8-frozen: the same layers but the LM's head, as int8 values of the weight
+                 and of its transpose (vlmkit.model.frozen_int8): 2 bytes per parameter
     gradients    T at the trainable parameters' dtype
     optimizer    AdamW: 2 states x 4 bytes x T
     ema          with `ema` > 0: a copy of the trainable weights (their moving average)
@@ -130,6 +132,7 @@ def estimate(
     lora_targets: str = "auto",
     ema: bool = False,
     frozen_bf16: bool = False,
+    frozen_int8: bool = False,
 ) -> Plan:
     """The `Plan` of training `model` with `method` on batches of `batch_size` x `seq_len` tokens.
 
@@ -198,11 +201,13 @@ def estimate(
         if "vision_tower" in trained:
             fp32_linears += sum(m.weight.numel() for m in _linears(parts["vision_tower"]) if m.weight.element_size() == 4)
         memory["autocast copies"] = 2 * fp32_linears
-    if frozen_bf16 and method != "qlora":
+    if (frozen_bf16 or frozen_int8) and method != "qlora":
+        # int8-frozen keeps the head in fp32; its packs hold the weight and its transpose at a byte each
+        head = model.get_output_embeddings() if frozen_int8 and hasattr(model, "get_output_embeddings") else None
         frozen = {id(m.weight): m.weight.numel() for name, part in parts.items() if name not in trained
-                  for m in copyable_linears(part)}
+                  for m in copyable_linears(part) if m is not head}
         if frozen:
-            memory["bf16 copies"] = 2 * sum(frozen.values())
+            memory["int8 packs" if frozen_int8 else "bf16 copies"] = 2 * sum(frozen.values())
 
     trainable_bytes = sum(p.numel() * p.element_size() for name in trained for p in part_params[name]) + adapter * 4
     n_trainable = sum(t for _, _, t in rows)
@@ -332,11 +337,11 @@ def plan_run(cfg: TrainConfig) -> str:
     method = "align" if cfg.stage == "align" else ("lora" if cfg.method == "dpo" and cfg.uses_lora else cfg.method)
     method = "full" if method == "dpo" else method
     batch = cfg.batch_size * (2 if cfg.method == "dpo" else 1)  # DPO scores chosen and rejected together
-    precision = training_precision(cfg.precision, device)
+    precision = training_precision(cfg.precision, device, cfg.compile)
     plan = estimate(
         model, method, batch, cfg.max_length, precision.bf16, cfg.gradient_checkpointing,
         lora_r=cfg.lora_r or 16, trainable_groups=("vision_tower",) if cfg.train_vision else (), lora_targets=cfg.lora_targets,
-        ema=cfg.ema > 0, frozen_bf16=precision.frozen_bf16,
+        ema=cfg.ema > 0, frozen_bf16=precision.frozen_bf16, frozen_int8=precision.frozen_int8,
     )
     chosen = "".join(f"\n  {c}" for c in choices)
     return (plan.table() + f"\n(batch {cfg.batch_size}, max_length {cfg.max_length}; device {device})"
