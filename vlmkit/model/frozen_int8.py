@@ -3,8 +3,8 @@
 The CPU counterpart of `vlmkit.model.frozen_bf16` for CPUs without bf16 units. A step's time is mostly the
 products with the language model's fixed weights, forward and input gradients; on an AVX2 CPU fbgemm's int8
 products ran 1.6-1.8x faster than fp32 ones at a training step's shapes (docs/precision.md). Each frozen
-`nn.Linear` of the language model (not its output head: the logits stay fp32) gets two int8 packs, of its
-weight and of its transpose, one symmetric scale per output row:
+`nn.Linear` of the model (the language model's beside LoRA, a frozen tower's; not the LM's output head: the
+logits stay fp32) gets two int8 packs, of its weight and of its transpose, one symmetric scale per row:
 
 - forward, y = x W^T: each row of x (a token) is first divided by its own largest magnitude, then multiplied
   by the int8 W with fbgemm's dynamic linear (which rounds its input to 7 bits at one scale for the whole
@@ -19,8 +19,8 @@ plain layers back before the model is merged and saved, so checkpoints and the s
 
 The packs are made with `torch.quantize_per_channel`, which torch 2.14 marks deprecated (with every
 quantized tensor), and warns; the warning is silenced here. oneDNN's int8 linear takes plain int8 tensors,
-but it set itself up again for every new number of rows, which made a run's first steps, and so its time
-budget, 1.5x slower (docs/precision.md).
+but it set itself up again for every new number of rows, which made the steps a time budget times 1.5x
+slower than the later ones, and so bought too few steps (docs/precision.md).
 """
 
 from __future__ import annotations
