@@ -59,7 +59,7 @@ def test_quickstart_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert (out / "model" / "config.json").is_file() and (out / "loss.png").is_file()
     printed = capsys.readouterr().out
     assert "held-out exact match" in printed and f"vlmkit generate --model {out / 'model'}" in printed
-    assert re.search(r"training took [0-9.]+ min in (fp32|bf16|bf16-frozen|int8-frozen) \(auto: ", printed)  # the precision used, and why
+    assert re.search(r"training took [0-9.]+ min in (fp32|bf16|bf16-frozen) \(auto: ", printed)  # the precision used, and why
 
 
 @pytest.mark.slow

@@ -211,7 +211,7 @@ def set_up(cfg: TrainConfig, out: Path, dist, model_and_processor) -> Run:
     if not examples:
         raise VlmkitError(f"{cfg.data}: no trainable samples")
     images.warm([p for e in examples + eval_examples for p in e.images], "caching image features")
-    run = Run(cfg, out, dist, device, training_precision(cfg.precision, device, cfg.compile), model, processor, objective, groups,
+    run = Run(cfg, out, dist, device, training_precision(cfg.precision, device), model, processor, objective, groups,
               examples, eval_examples, skipped + eval_skipped, dist.active and cfg.fsdp)
     if cfg.group_by_length is None:  # decided from the tokenized lengths, and saved so --resume draws the same batches
         run.recipe.append(choose_group_by_length([e.length for e in examples], cfg.batch_size * dist.world))
@@ -225,8 +225,8 @@ def set_up(cfg: TrainConfig, out: Path, dist, model_and_processor) -> Run:
                 f"({run.frozen.bytes / 2**20:.0f} MiB), the rest in fp32")
     elif run.precision.frozen_int8:
         if cfg.compile or run.fsdp:
-            raise VlmkitError(f"precision=int8-frozen ({run.precision.reason}) does not combine with "
-                              f"{'compile=true' if cfg.compile else 'fsdp=true'}: set precision=fp32 for it")
+            raise VlmkitError(f"precision=int8-frozen does not combine with {'compile=true' if cfg.compile else 'fsdp=true'}: "
+                              "set precision=auto or fp32 for it")
         run.frozen = FrozenInt8(model)
         run.say(f"precision={run.precision.name}: int8 packs of {len(run.frozen.layers)} frozen linear layers "
                 f"({run.frozen.bytes / 2**20:.0f} MiB), the rest in fp32")

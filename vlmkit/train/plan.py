@@ -337,7 +337,7 @@ def plan_run(cfg: TrainConfig) -> str:
     method = "align" if cfg.stage == "align" else ("lora" if cfg.method == "dpo" and cfg.uses_lora else cfg.method)
     method = "full" if method == "dpo" else method
     batch = cfg.batch_size * (2 if cfg.method == "dpo" else 1)  # DPO scores chosen and rejected together
-    precision = training_precision(cfg.precision, device, cfg.compile)
+    precision = training_precision(cfg.precision, device)
     plan = estimate(
         model, method, batch, cfg.max_length, precision.bf16, cfg.gradient_checkpointing,
         lora_r=cfg.lora_r or 16, trainable_groups=("vision_tower",) if cfg.train_vision else (), lora_targets=cfg.lora_targets,
