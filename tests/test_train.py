@@ -348,10 +348,11 @@ def test_reply_targets_of_data_whose_samples_all_have_several_images(parts):
     assert torch.allclose(targets[0], table[5], atol=1e-6)  # only the first sample's reply, whose end is common
     assert torch.allclose(targets[2], table[6], atol=1e-6)
 
-def test_projector_init_text_starts_image_tokens_near_their_words(parts, shapes, tmp_path):
+@pytest.mark.parametrize("init", ["text", "tokens"])
+def test_projector_init_text_starts_image_tokens_near_their_words(parts, shapes, tmp_path, init):
     from vlmkit.train.initialise import reply_targets
 
-    cfg = tiny_config(parts, shapes, tmp_path / "run", "projector_init=text", "max_steps=1", "projector_lr=0", "lr=0")
+    cfg = tiny_config(parts, shapes, tmp_path / "run", f"projector_init={init}", "max_steps=1", "projector_lr=0", "lr=0")
     model, processor = load_model(train(cfg)["model"])
     examples, _ = tokenize(load_samples(shapes[0]), ComposedRenderer(processor), 512)
     paths, targets = reply_targets(model, examples)
@@ -364,11 +365,65 @@ def test_projector_init_text_starts_image_tokens_near_their_words(parts, shapes,
     assert (own > others).float().mean() > 0.9  # each image's tokens lean to its own replies' words
 
 
+def test_token_targets_send_each_word_to_its_closest_token():
+    from vlmkit.train.initialise import token_targets
+
+    e = torch.eye(4)
+    predicted = torch.stack([e[0], e[1], 3 * e[2]])[None]  # (1 image, 3 tokens, H=4)
+    table = torch.stack([2 * e[1], e[2], e[1] + 0.1 * e[0]])  # the embeddings of 3 words
+    targets = token_targets(predicted, [(torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0]))], table)
+    assert torch.equal(targets[0, 0], torch.zeros(4))  # no word is closest to it: it starts at nothing
+    assert torch.allclose(targets[0, 1], (1 * 2 * e[1] + 3 * (e[1] + 0.1 * e[0])) / 4)  # two words, by rarity
+    assert torch.allclose(targets[0, 2], e[2])
+
+
+@pytest.mark.parametrize("rounds", [0, 4])
+def test_projector_init_tokens_starts_each_token_at_its_own_object(parts, rounds):
+    """Images of 2x2 cells, one or two holding an object (a feature vector of its own) and the rest
+    background, each image's words naming its objects: after the rounds of `projector_init=tokens` each
+    object's token is nearest its own word and the background's tokens start near nothing; the image-level
+    fit (`text`, no rounds) starts the background's tokens at the image's words as well."""
+    from vlmkit.data.collate import Example
+    from vlmkit.train.features import ImageSource
+    from vlmkit.train.initialise import start_projector_at_text
+
+    torch.manual_seed(0)
+    model, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
+    width = model.feature_mean.shape[0]
+    objects, background = torch.randn(6, width), torch.randn(width)
+    images, examples, holds = ImageSource(model, None, "cpu", cache=True), [], []
+    for i in range(120):
+        cells = torch.randperm(4)[: 1 + i % 2].tolist()
+        kinds = torch.randperm(6)[: len(cells)].tolist()
+        grid = background.repeat(4, 1) + 0.05 * torch.randn(4, width)
+        grid[cells] = objects[kinds] + 0.05 * torch.randn(len(cells), width)
+        images.cache[f"{i}.png"] = grid.reshape(2, 2, width)
+        words = [10 + k for k in kinds] + [2]  # each object's word, and an end token every image has
+        examples.append(Example([9, *words], [IGNORE_INDEX, *words], (f"{i}.png",), f"d:{i}"))
+        holds.append(dict(zip(cells, kinds)))
+    start_projector_at_text(model, examples, images, rounds)
+    with torch.no_grad():
+        tokens = model.projector(model.standardize(torch.stack(list(images.cache.values()))))  # (N, 4, H)
+    table = model.get_input_embeddings().weight.detach()[10:16]
+    nearest = torch.nn.functional.cosine_similarity(tokens[:, :, None], table[None, None], dim=-1).argmax(-1)
+    own = [int(nearest[i, c]) == k for i, held in enumerate(holds) for c, k in held.items()]
+    norms = tokens.norm(dim=-1)
+    ratio = torch.stack([norms[i, [c for c in range(4) if c not in held]].mean() / norms[i, list(held)].mean()
+                         for i, held in enumerate(holds)]).mean()
+    assert sum(own) / len(own) > 0.95  # either fit: each object's token nearest its own word
+    if rounds:
+        assert ratio < 0.1  # measured 0.02: the background's tokens start near nothing
+    else:
+        assert ratio > 0.4  # measured 0.61: every token of an image leans to its words' mean
+
+
 def test_projector_init_is_checked(parts, shapes, tmp_path):
     with pytest.raises(VlmkitError, match="projector_init"):
         tiny_config(parts, shapes, tmp_path / "a", "projector_init=words")
     with pytest.raises(VlmkitError, match="projector_init"):
         tiny_config(parts, shapes, tmp_path / "b", "projector_init=text", f"model={tmp_path}")
+    with pytest.raises(VlmkitError, match="projector_init"):
+        tiny_config(parts, shapes, tmp_path / "c", "projector_init=tokens", f"model={tmp_path}")
 
 
 def test_the_budget_times_batches_from_the_narrowest_to_the_widest_of_an_epoch():

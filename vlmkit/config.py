@@ -18,7 +18,7 @@ from vlmkit.errors import VlmkitError, first_line
 from vlmkit.io import atomic_write_text
 
 STAGES = ("align", "sft", "contrastive")
-PROJECTOR_INITS = ("auto", "random", "text")
+PROJECTOR_INITS = ("auto", "random", "text", "tokens")
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-frozen", "int8-frozen")
 METHODS = ("auto", "full", "lora", "qlora", "dpo")
 OBJECTIVES = ("lm", "contrastive")
@@ -39,7 +39,7 @@ class TrainConfig:
     image_positions: bool | None = None  # a learned embedding per image-token position; None: for towers without their own (CNNs)
     position_words: bool | None = None  # those embeddings start at the LM's words for their grid column and row (" left" + " top"...); None: with column_words
     column_words: bool | None = None  # lay each image out column by column, each after its word (" left", " middle", " right"); None: for 2 or 3 columns
-    projector_init: str = "auto"  # auto | random | text: image tokens start at the words the replies say about them
+    projector_init: str = "auto"  # auto | random | text | tokens: image tokens start at the words the replies say
     train_on_prompt: bool | None = None  # the user turns' words are trained too, not only the replies; None: for a new composition
     image_size: int | None = None  # input resolution of the tower; None: chosen with image_tokens, else the tower's own
     vision_feature_layer: int | None = None  # the tower's layer read (-1 last, -2 the one before); None: -2, or -3 for the built-in CNN (recipe: its block before its last)
@@ -123,7 +123,7 @@ class TrainConfig:
             raise VlmkitError(
                 f"config field `projector_init`: {self.projector_init!r} is not one of {', '.join(PROJECTOR_INITS)}"
             )
-        if self.projector_init == "text" and (self.model or self.method == "dpo"):
+        if self.projector_init in ("text", "tokens") and (self.model or self.method == "dpo"):
             raise VlmkitError(
                 "config field `projector_init` starts a new projector from supervised replies; it cannot apply to "
                 "`model` (a trained one) or to method=dpo"

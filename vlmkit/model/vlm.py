@@ -178,14 +178,16 @@ class VlmkitForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def fit_projector_head(self, features: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-3) -> float:
-        """Set the projector's last Linear so that every token of image i predicts `targets[i]` (an LM
-        embedding), by ridge regression on `features` (N, g, g, D): closed form, one solve. Returns the
-        fit's R^2 on these features. `ridge` is relative to the mean diagonal of the Gram matrix."""
+        """Set the projector's last Linear so that every token of image i predicts `targets[i]` (N, H: an LM
+        embedding), or token t of image i `targets[i, t]` (N, T, H), by ridge regression on `features`
+        (N, g, g, D): closed form, one solve. Returns the fit's R^2 on these features. `ridge` is relative
+        to the mean diagonal of the Gram matrix."""
         head = self.projector.head
         x = self.projector.head_input(self.standardize(features)).float()  # (N, T, F)
         n, tokens, width = x.shape
         x = x.reshape(n * tokens, width)
-        y = targets.to(x).repeat_interleave(tokens, dim=0)
+        y = targets.to(x)
+        y = y.reshape(n * tokens, -1) if y.dim() == 3 else y.repeat_interleave(tokens, dim=0)
         x_mean = x.mean(0) if head.bias is not None else x.new_zeros(width)
         y_mean = y.mean(0) if head.bias is not None else y.new_zeros(y.shape[1])
         xc, yc = x - x_mean, y - y_mean

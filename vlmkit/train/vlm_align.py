@@ -84,9 +84,9 @@ class Captions:
 def align_contrastive(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """Contrastive alignment of a composed VLM (`cfg.model` a vlmkit model, or a new composition of
     `vision` + `llm`); returns the summary. `stop_after` stops with a checkpoint (tests)."""
-    if cfg.projector_init == "text":
-        raise VlmkitError("projector_init=text fits the projector to replies; stage=contrastive aligns it from captions: "
-                          "leave projector_init unset")
+    if cfg.projector_init in ("text", "tokens"):
+        raise VlmkitError(f"projector_init={cfg.projector_init} fits the projector to replies; stage=contrastive aligns "
+                          "it from captions: leave projector_init unset")
     out, pairs, probe, choices = prepare(cfg, resume, stop_after)
     log(f"loading the model ({cfg.model or f'{cfg.vision} + {cfg.llm}'})")
     vlm, processor = for_training(cfg)
