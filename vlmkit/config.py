@@ -19,6 +19,7 @@ from vlmkit.io import atomic_write_text
 
 STAGES = ("align", "sft", "contrastive")
 PROJECTOR_INITS = ("auto", "random", "text", "tokens")
+REPLY_INITS = ("text", "tokens")  # the projector_init values fitted to supervised replies
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-frozen", "int8-frozen")
 METHODS = ("auto", "full", "lora", "qlora", "dpo")
 OBJECTIVES = ("lm", "contrastive")
@@ -123,7 +124,7 @@ class TrainConfig:
             raise VlmkitError(
                 f"config field `projector_init`: {self.projector_init!r} is not one of {', '.join(PROJECTOR_INITS)}"
             )
-        if self.projector_init in ("text", "tokens") and (self.model or self.method == "dpo"):
+        if self.projector_init in REPLY_INITS and (self.model or self.method == "dpo"):
             raise VlmkitError(
                 "config field `projector_init` starts a new projector from supervised replies; it cannot apply to "
                 "`model` (a trained one) or to method=dpo"

@@ -21,7 +21,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from vlmkit.config import TrainConfig
+from vlmkit.config import REPLY_INITS, TrainConfig
 from vlmkit.data.processor import IGNORE_INDEX, grid_column_words, grid_row_words
 from vlmkit.errors import VlmkitError
 from vlmkit.model.projector import grid_side
@@ -38,7 +38,7 @@ def initialise_from_data(model, tokenizer, cfg: TrainConfig, examples, images: I
         return
     paths = list(dict.fromkeys(p for e in examples for p in e.images))
     stats_paths = paths if images.cache is not None else paths[:STATS_IMAGES]
-    fitted = cfg.projector_init in ("text", "tokens")
+    fitted = cfg.projector_init in REPLY_INITS
     if images.cache is None and paths:  # a trained tower: encode what the steps below read once, with a progress bar
         images = ImageSource(images.model, images.processor, images.device, cache=True)
         images.warm(paths if fitted else stats_paths, "encoding images to start the projector")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.build import for_training
-from vlmkit.config import TrainConfig
+from vlmkit.config import REPLY_INITS, TrainConfig
 from vlmkit.errors import VlmkitError
 from vlmkit.io import save_pretrained_atomic
 from vlmkit.model.contrastive import ScoredPairs, scale_and_bias
@@ -84,7 +84,7 @@ class Captions:
 def align_contrastive(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """Contrastive alignment of a composed VLM (`cfg.model` a vlmkit model, or a new composition of
     `vision` + `llm`); returns the summary. `stop_after` stops with a checkpoint (tests)."""
-    if cfg.projector_init in ("text", "tokens"):
+    if cfg.projector_init in REPLY_INITS:
         raise VlmkitError(f"projector_init={cfg.projector_init} fits the projector to replies; stage=contrastive aligns "
                           "it from captions: leave projector_init unset")
     out, pairs, probe, choices = prepare(cfg, resume, stop_after)
