@@ -332,7 +332,7 @@ def test_reply_targets_weigh_words_by_rarity(parts):
 
 def test_reply_targets_of_data_whose_samples_all_have_several_images(parts):
     """With fewer than two images alone in a sample, a reply counts for each of its sample's images, so
-    the default projector_init=text also starts on multi-image data (it used to refuse it)."""
+    projector_init=text (the default) and tokens also start on multi-image data (they used to refuse it)."""
     from vlmkit.data.collate import Example
     from vlmkit.train.initialise import reply_targets
 
@@ -637,12 +637,13 @@ def test_the_projector_starts_the_same_with_or_without_cached_features(parts, sh
         assert (value - runs["false"][name]).abs().max() <= 1e-3 * value.abs().max(), name
 
 
-def test_defaults_train_on_text_only_data(parts, shapes, tmp_path):
-    """projector_init=text (the default for a new composition) has nothing to fit without images: the run
-    says so and trains, rather than stopping."""
+@pytest.mark.parametrize("init", ["text", "tokens"])
+def test_defaults_train_on_text_only_data(parts, shapes, tmp_path, init):
+    """projector_init=text (the default for a new composition) and tokens have nothing to fit without
+    images: the run says so and trains, rather than stopping."""
     rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
             for w in ["cat", "dog", "sun", "sea"] * 4]
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = tiny_config(parts, (data, data), tmp_path / "run", "projector_init=text", "max_steps=2")
+    cfg = tiny_config(parts, (data, data), tmp_path / "run", f"projector_init={init}", "max_steps=2")
     assert train(cfg)["steps"] == 2

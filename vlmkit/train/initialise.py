@@ -140,10 +140,10 @@ def start_projector_at_text(model, examples, images: ImageSource, rounds: int = 
     prediction is closest to it (`token_targets`), so that the token that shows a red circle starts near
     " red" and " circle" and the others near nothing. Returns the last fit's R^2."""
     if not hasattr(model, "fit_projector_head"):
-        raise VlmkitError(f"projector_init=text: {type(model).__name__} is not a composed vlmkit model")
+        raise VlmkitError(f"projector_init=text or tokens: {type(model).__name__} is not a composed vlmkit model")
     paths, words = reply_words(model, examples)
     if len(paths) < 2:
-        raise VlmkitError("projector_init=text needs trained replies about at least 2 images")
+        raise VlmkitError("projector_init=text or tokens needs trained replies about at least 2 images")
     features, table = features_for(model, images, paths), embedding_table(model)
     r2 = model.fit_projector_head(features, word_means(words, table))
     if model.config.image_tokens > 1:
