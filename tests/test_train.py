@@ -309,9 +309,16 @@ def test_projector_head_fit_solves_the_regression(parts, projector):
     assert torch.allclose(out, targets[:, None].expand_as(out), atol=1e-3 * targets.abs().max())
 
 
+def reply_targets(model, examples):
+    """(image paths, (N, H)): each image's rarity-weighted mean word, the target `projector_init=text` fits."""
+    from vlmkit.train.initialise import embedding_table, reply_words, word_means
+
+    paths, words = reply_words(model, examples)
+    return paths, word_means(words, embedding_table(model))
+
+
 def test_reply_targets_weigh_words_by_rarity(parts):
     from vlmkit.data.collate import Example
-    from vlmkit.train.initialise import reply_targets
 
     model, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
     end, x = 2, IGNORE_INDEX
@@ -334,7 +341,6 @@ def test_reply_targets_of_data_whose_samples_all_have_several_images(parts):
     """With fewer than two images alone in a sample, a reply counts for each of its sample's images, so
     projector_init=text (the default) and tokens also start on multi-image data (they used to refuse it)."""
     from vlmkit.data.collate import Example
-    from vlmkit.train.initialise import reply_targets
 
     model, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
     end, x = 2, IGNORE_INDEX
@@ -350,8 +356,6 @@ def test_reply_targets_of_data_whose_samples_all_have_several_images(parts):
 
 @pytest.mark.parametrize("init", ["text", "tokens"])
 def test_projector_init_text_starts_image_tokens_near_their_words(parts, shapes, tmp_path, init):
-    from vlmkit.train.initialise import reply_targets
-
     cfg = tiny_config(parts, shapes, tmp_path / "run", f"projector_init={init}", "max_steps=1", "projector_lr=0", "lr=0")
     model, processor = load_model(train(cfg)["model"])
     examples, _ = tokenize(load_samples(shapes[0]), ComposedRenderer(processor), 512)

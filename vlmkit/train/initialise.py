@@ -105,13 +105,6 @@ def embedding_table(model) -> torch.Tensor:
     return model.get_input_embeddings().weight.detach().float().cpu()
 
 
-def reply_targets(model, examples) -> tuple[list[str], torch.Tensor]:
-    """For each training image, the mean input embedding of `reply_words`, weighted by their rarity.
-    Returns (image paths, (N, H) targets)."""
-    paths, words = reply_words(model, examples)
-    return paths, word_means(words, embedding_table(model))
-
-
 def word_means(words: list[tuple[torch.Tensor, torch.Tensor]], table: torch.Tensor) -> torch.Tensor:
     """(N, H): each image's words (`reply_words`) averaged in the embedding `table`, weighted by rarity."""
     means = [weight @ table[ids] / weight.sum() for ids, weight in words]
