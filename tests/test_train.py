@@ -370,23 +370,27 @@ def test_projector_init_text_starts_image_tokens_near_their_words(parts, shapes,
 
 
 def test_token_targets_send_each_word_to_its_closest_token():
-    from vlmkit.train.initialise import token_targets
+    from vlmkit.train.initialise import IMAGE_SHARE, token_targets
 
     e = torch.eye(4)
     predicted = torch.stack([e[0], e[1], 3 * e[2]])[None]  # (1 image, 3 tokens, H=4)
     table = torch.stack([2 * e[1], e[2], e[1] + 0.1 * e[0]])  # the embeddings of 3 words
-    targets = token_targets(predicted, [(torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0]))], table)
-    assert torch.equal(targets[0, 0], torch.zeros(4))  # no word is closest to it: it starts at nothing
-    assert torch.allclose(targets[0, 1], (1 * 2 * e[1] + 3 * (e[1] + 0.1 * e[0])) / 4)  # two words, by rarity
-    assert torch.allclose(targets[0, 2], e[2])
+    weight = torch.tensor([1.0, 2.0, 3.0])
+    targets = token_targets(predicted, [(torch.tensor([0, 1, 2]), weight)], table)
+    shared = IMAGE_SHARE * (weight @ table) / weight.sum()  # every token's part: all the image's words
+    assert 0 < IMAGE_SHARE < 1
+    assert torch.allclose(targets[0, 0], shared)  # no word is closest to it: the image's words only
+    two = (1 * 2 * e[1] + 3 * (e[1] + 0.1 * e[0])) / 4  # two words, by rarity
+    assert torch.allclose(targets[0, 1], shared + (1 - IMAGE_SHARE) * two)
+    assert torch.allclose(targets[0, 2], shared + (1 - IMAGE_SHARE) * e[2])
 
 
 @pytest.mark.parametrize("rounds", [0, 4])
 def test_projector_init_tokens_starts_each_token_at_its_own_object(parts, rounds):
     """Images of 2x2 cells, one or two holding an object (a feature vector of its own) and the rest
-    background, each image's words naming its objects: after the rounds of `projector_init=tokens` each
-    object's token is nearest its own word and the background's tokens start near nothing; the image-level
-    fit (`text`, no rounds) starts the background's tokens at the image's words as well."""
+    background, each image's words naming its objects: either fit starts each object's token nearest its
+    own word; the image-level fit (`text`, no rounds) leans the background's tokens to the image's words as
+    well, and after the rounds of `projector_init=tokens` they have under half the objects' tokens' norm."""
     from vlmkit.data.collate import Example
     from vlmkit.train.features import ImageSource
     from vlmkit.train.initialise import start_projector_at_text
@@ -416,9 +420,9 @@ def test_projector_init_tokens_starts_each_token_at_its_own_object(parts, rounds
                          for i, held in enumerate(holds)]).mean()
     assert sum(own) / len(own) > 0.95  # either fit: each object's token nearest its own word
     if rounds:
-        assert ratio < 0.1  # measured 0.02: the background's tokens start near nothing
+        assert ratio < 0.4  # measured 0.25: the background's tokens say the image's words more quietly
     else:
-        assert ratio > 0.4  # measured 0.61: every token of an image leans to its words' mean
+        assert ratio > 0.5  # measured 0.61: every token of an image leans to its words' mean
 
 
 def test_projector_init_is_checked(parts, shapes, tmp_path):

@@ -6,7 +6,8 @@ new composition, each a config key, each using the training data itself.
   shares);
 - `projector_init=text`: the projector's last layer is fitted in closed form so that each image's
   tokens start at the words its training replies say (`reply_words`); `projector_init=tokens` then sends
-  each word to the one token closest to it and fits again, a few rounds (`token_targets`);
+  each word to the one token closest to it and fits again, a few rounds, every token keeping half of its
+  image's words (`token_targets`);
 - `position_words` (with `image_positions`): the image-position embeddings start at the LM's words for
   the grid's column and row (" left" + " top", ...), at the norm of the projector's output.
 
@@ -30,6 +31,7 @@ from vlmkit.train.features import ImageSource, features_for
 STATS_IMAGES = 1024  # images whose features set the statistics when they are not cached (one tower pass each)
 POSITION_IMAGES = 256  # images whose projected norm sets the position embeddings' scale
 TOKEN_ROUNDS = 4  # projector_init=tokens: fits with each word sent to one token
+IMAGE_SHARE = 0.5  # projector_init=tokens: share of every token's target that is its image's words' mean
 
 
 def initialise_from_data(model, tokenizer, cfg: TrainConfig, examples, images: ImageSource, say) -> None:
@@ -114,15 +116,18 @@ def word_means(words: list[tuple[torch.Tensor, torch.Tensor]], table: torch.Tens
 def token_targets(predicted: torch.Tensor, words: list[tuple[torch.Tensor, torch.Tensor]],
                   table: torch.Tensor) -> torch.Tensor:
     """(N, T, H) targets, one per image token: each of image i's words (`reply_words`, embedded by `table`)
-    goes to the one token whose `predicted[i]` (T, H) is closest to it in direction, and a token's target is
-    the rarity-weighted mean of the words it got (zero when it got none: after the position embedding and
-    the norm, such a token reads as its place in the grid)."""
+    goes to the one token whose `predicted[i]` (T, H) is closest to it in direction; a token's target is
+    IMAGE_SHARE of all the image's words' mean plus the rest of the mean of the words it got (rarity-
+    weighted). The shared part keeps every token saying what the image holds, which the LM reads most
+    easily where a single object fills the image; the assigned part lets the token that shows a red circle
+    say " red" and " circle" more than the others, which tells apart objects in different places."""
     targets, unit = torch.zeros_like(predicted), nn.functional.normalize
     for i, (ids, weight) in enumerate(words):
         emb = table[ids]  # (K, H)
         closeness = unit(predicted[i], dim=-1) @ unit(emb, dim=-1).T  # (T, K)
         chosen = nn.functional.one_hot(closeness.argmax(0), predicted.shape[1]).T.to(emb) * weight  # (T, K)
-        targets[i] = (chosen @ emb) / chosen.sum(1, keepdim=True).clamp_min(1e-12)
+        assigned = (chosen @ emb) / chosen.sum(1, keepdim=True).clamp_min(1e-12)
+        targets[i] = IMAGE_SHARE * (weight @ emb / weight.sum()) + (1 - IMAGE_SHARE) * assigned
     return targets
 
 
@@ -130,8 +135,8 @@ def start_projector_at_text(model, examples, images: ImageSource, rounds: int = 
     """`projector_init=text`: fit the projector's last layer (ridge regression) so that each image's tokens
     predict the words its replies say (`reply_words`): every token of an image its words' mean.
     `projector_init=tokens` then refits `rounds` times with each word sent to the one token whose
-    prediction is closest to it (`token_targets`), so that the token that shows a red circle starts near
-    " red" and " circle" and the others near nothing. Returns the last fit's R^2."""
+    prediction is closest to it (`token_targets`), so that the token that shows a red circle starts nearer
+    " red" and " circle" than the others. Returns the last fit's R^2."""
     if not hasattr(model, "fit_projector_head"):
         raise VlmkitError(f"projector_init=text or tokens: {type(model).__name__} is not a composed vlmkit model")
     paths, words = reply_words(model, examples)
