@@ -57,7 +57,7 @@ def test_position_help_only_for_towers_without_positions_of_their_own():
 
 
 def test_projector_init_from_replies_only_for_a_new_projector():
-    assert choose_projector_init(new_model=True, method="lora").value == "text"
+    assert choose_projector_init(new_model=True, method="lora").value == "tokens"
     assert choose_projector_init(new_model=False, method="lora").value == "random"
     assert choose_projector_init(new_model=True, method="dpo").value == "random"
 
@@ -104,7 +104,7 @@ def test_batches_are_sorted_by_length_only_where_that_saves_many_tokens():
 def test_resolve_fills_the_auto_keys_and_keeps_the_users():
     cfg, choices = resolve(TrainConfig(data="d.jsonl"), "cpu")
     assert (cfg.method, cfg.lr, cfg.batch_size, cfg.image_size, cfg.image_tokens) == ("lora", 1e-3, 4, 192, 9)
-    assert (cfg.lora_r, cfg.lora_targets, cfg.projector_init, cfg.column_words, cfg.position_words) == (16, "attention", "text", True, True)
+    assert (cfg.lora_r, cfg.lora_targets, cfg.projector_init, cfg.column_words, cfg.position_words) == (16, "attention", "tokens", True, True)
     assert cfg.image_positions is True and cfg.vision_feature_layer == -3
     assert cfg.train_on_prompt is True
     assert {c.key for c in choices} == {"method", "lr", "lora_targets", "batch_size", "image_size", "image_tokens",

@@ -339,7 +339,7 @@ def test_reply_targets_weigh_words_by_rarity(parts):
 
 def test_reply_targets_of_data_whose_samples_all_have_several_images(parts):
     """With fewer than two images alone in a sample, a reply counts for each of its sample's images, so
-    projector_init=text (the default) and tokens also start on multi-image data (they used to refuse it)."""
+    projector_init=tokens (the default) and text also start on multi-image data (they used to refuse it)."""
     from vlmkit.data.collate import Example
 
     model, _ = compose(vision=parts["clip"], llm=parts["llama"], image_tokens=4)
@@ -647,7 +647,7 @@ def test_the_projector_starts_the_same_with_or_without_cached_features(parts, sh
 
 @pytest.mark.parametrize("init", ["text", "tokens"])
 def test_defaults_train_on_text_only_data(parts, shapes, tmp_path, init):
-    """projector_init=text (the default for a new composition) and tokens have nothing to fit without
+    """projector_init=tokens (the default for a new composition) and text have nothing to fit without
     images: the run says so and trains, rather than stopping."""
     rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
             for w in ["cat", "dog", "sun", "sea"] * 4]

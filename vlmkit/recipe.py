@@ -122,8 +122,8 @@ def choose_column_words(image_tokens: int, vision: str = "efficientnet-lite0") -
 
 def choose_projector_init(new_model: bool, method: str) -> Choice:
     if new_model and method != "dpo":
-        return Choice("projector_init", "text", "a new projector starts by mapping each image to the words its "
-                      "replies use")
+        return Choice("projector_init", "tokens", "a new projector starts by mapping each image to the words its "
+                      "replies use, each word most in the image token closest to it")
     return Choice("projector_init", "random", "the model's projector is already trained" if not new_model
                   else "no supervised replies to start from")
 

@@ -52,7 +52,7 @@ def initialise_from_data(model, tokenizer, cfg: TrainConfig, examples, images: I
     elif fitted:
         tokens = cfg.projector_init == "tokens"
         r2 = start_projector_at_text(model, examples, images, TOKEN_ROUNDS if tokens else 0)
-        where = "each word at the image token closest to it" if tokens else "every token at its image's words"
+        where = "each word most in the image token closest to it" if tokens else "every token at its image's words"
         say(f"projector_init={cfg.projector_init}: image tokens start at the words of their replies, {where} "
             f"(fit R^2 {r2:.2f})")
     if cfg.position_words and paths:
