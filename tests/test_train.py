@@ -370,13 +370,14 @@ def test_projector_init_text_starts_image_tokens_near_their_words(parts, shapes,
 
 
 def test_token_targets_send_each_word_to_its_closest_token():
-    from vlmkit.train.initialise import IMAGE_SHARE, token_targets
+    from vlmkit.train.initialise import IMAGE_SHARE, token_targets, word_means
 
     e = torch.eye(4)
     predicted = torch.stack([e[0], e[1], 3 * e[2]])[None]  # (1 image, 3 tokens, H=4)
     table = torch.stack([2 * e[1], e[2], e[1] + 0.1 * e[0]])  # the embeddings of 3 words
     weight = torch.tensor([1.0, 2.0, 3.0])
-    targets = token_targets(predicted, [(torch.tensor([0, 1, 2]), weight)], table)
+    words = [(torch.tensor([0, 1, 2]), weight)]
+    targets = token_targets(predicted, words, table, word_means(words, table))
     shared = IMAGE_SHARE * (weight @ table) / weight.sum()  # every token's part: all the image's words
     assert 0 < IMAGE_SHARE < 1
     assert torch.allclose(targets[0, 0], shared)  # no word is closest to it: the image's words only

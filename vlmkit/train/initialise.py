@@ -114,11 +114,11 @@ def word_means(words: list[tuple[torch.Tensor, torch.Tensor]], table: torch.Tens
 
 
 def token_targets(predicted: torch.Tensor, words: list[tuple[torch.Tensor, torch.Tensor]],
-                  table: torch.Tensor) -> torch.Tensor:
+                  table: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """(N, T, H) targets, one per image token: each of image i's words (`reply_words`, embedded by `table`)
     goes to the one token whose `predicted[i]` (T, H) is closest to it in direction; a token's target is
-    IMAGE_SHARE of all the image's words' mean plus the rest of the mean of the words it got (rarity-
-    weighted). The shared part keeps every token saying what the image holds, which the LM reads most
+    IMAGE_SHARE of the image's words' mean (`means[i]`, from `word_means`) plus the rest of the mean of the
+    words it got (rarity-weighted). The shared part keeps every token saying what the image holds, which the LM reads most
     easily where a single object fills the image; the assigned part lets the token that shows a red circle
     say " red" and " circle" more than the others, which tells apart objects in different places."""
     targets, unit = torch.zeros_like(predicted), nn.functional.normalize
@@ -127,7 +127,7 @@ def token_targets(predicted: torch.Tensor, words: list[tuple[torch.Tensor, torch
         closeness = unit(predicted[i], dim=-1) @ unit(emb, dim=-1).T  # (T, K)
         chosen = nn.functional.one_hot(closeness.argmax(0), predicted.shape[1]).T.to(emb) * weight  # (T, K)
         assigned = (chosen @ emb) / chosen.sum(1, keepdim=True).clamp_min(1e-12)
-        targets[i] = IMAGE_SHARE * (weight @ emb / weight.sum()) + (1 - IMAGE_SHARE) * assigned
+        targets[i] = IMAGE_SHARE * means[i] + (1 - IMAGE_SHARE) * assigned
     return targets
 
 
@@ -143,10 +143,11 @@ def start_projector_at_text(model, examples, images: ImageSource, rounds: int = 
     if len(paths) < 2:
         raise VlmkitError("projector_init=text or tokens needs trained replies about at least 2 images")
     features, table = features_for(model, images, paths), embedding_table(model)
-    r2 = model.fit_projector_head(features, word_means(words, table))
+    means = word_means(words, table)
+    r2 = model.fit_projector_head(features, means)
     if model.config.image_tokens > 1:
         for _ in range(rounds):
             with torch.no_grad():
                 predicted = model.projector(model.standardize(features)).float().cpu()
-            r2 = model.fit_projector_head(features, token_targets(predicted, words, table))
+            r2 = model.fit_projector_head(features, token_targets(predicted, words, table, means))
     return r2
